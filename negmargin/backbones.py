@@ -1,0 +1,119 @@
+"""Feature extractors. Each returns flat features ``(B, num_features)``.
+
+Module names follow the reference implementation (mmfewshot's ``ConvNet`` and
+``ResNet12``), so a reference ``state_dict`` maps onto these modules key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .errors import ConfigError
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Reference init: kaiming_normal(fan_out) for convs, BN weight 1 / bias 0;
+    # conv biases keep PyTorch's default.
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ConvBlock(nn.Module):
+    """Conv3×3 (bias) → BatchNorm → ReLU → MaxPool 2."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class Conv4(nn.Module):
+    """Four 64-channel conv blocks; (B, C, 84, 84) → (B, 64·5·5 = 1600).
+
+    At 28×28 (Omniglot) the output is (B, 64·1·1 = 64).
+    """
+
+    def __init__(self, in_channels: int = 3, image_size: int = 84) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*[ConvBlock(in_channels if i == 0 else 64, 64) for i in range(4)])
+        side = image_size
+        for _ in range(4):
+            side //= 2
+        self.num_features = 64 * side * side
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x).flatten(1)
+
+
+class BasicBlock(nn.Module):
+    """3 × (Conv3×3 no bias → BN → LeakyReLU 0.1), no activation before the add;
+    1×1 conv + BN shortcut; LeakyReLU after the add; MaxPool 2."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(out_channels)
+        self.conv3 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.norm3 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.LeakyReLU(0.1)
+        self.max_pool = nn.MaxPool2d(2)
+        self.downsample = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.relu(self.norm2(self.conv2(out)))
+        out = self.norm3(self.conv3(out))
+        out = self.relu(out + self.downsample(x))
+        return self.max_pool(out)
+
+
+class ResNet12(nn.Module):
+    """Blocks of 64-160-320-640 channels, global average pool; (B, C, 84, 84) → (B, 640).
+
+    DropBlock exists in the reference code but its rate is 0 in every Neg-Margin
+    config, so it is not built here.
+    """
+
+    def __init__(self, in_channels: int = 3, image_size: int = 84) -> None:
+        super().__init__()
+        widths = (64, 160, 320, 640)
+        ins = (in_channels, *widths[:-1])
+        for i, (cin, cout) in enumerate(zip(ins, widths), start=1):
+            # nn.Sequential of one block keeps the reference's "layerK.0." key prefix.
+            self.add_module(f"layer{i}", nn.Sequential(BasicBlock(cin, cout)))
+        self.num_features = widths[-1]
+        _init_weights(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return torch.flatten(x.mean(dim=(2, 3)), 1)
+
+
+BACKBONES: dict[str, type[nn.Module]] = {"conv4": Conv4, "resnet12": ResNet12}
+
+
+def build_backbone(name: str, in_channels: int = 3, image_size: int = 84) -> nn.Module:
+    if name not in BACKBONES:
+        raise ConfigError(
+            f"unknown backbone '{name}' (config key model.backbone); valid names: "
+            + ", ".join(sorted(BACKBONES))
+        )
+    return BACKBONES[name](in_channels=in_channels, image_size=image_size)

@@ -1,0 +1,169 @@
+"""Self-contained checkpoints, written atomically and loaded without running code.
+
+A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), loaded
+with ``torch.load(..., weights_only=True)``, which refuses any pickled object
+that is not data — a file crafted to run code on load is rejected unread.
+
+Keys: ``format`` ("negmargin-checkpoint"), ``format_version``, ``model`` (state
+dict: ``backbone.*``, ``head.weight``), ``config`` (the resolved config),
+``backbone``, ``num_classes``, ``feature_dim``, ``epoch`` (epochs completed),
+``iteration`` (global iterations done), ``best_score``/``best_epoch``,
+``optimizer``, ``scheduler`` (the schedule is a pure function of the iteration,
+so its state is the position), ``sampler`` (epoch + iteration: batches and
+augmentations are a pure function of them and the seed), ``rng`` (Python,
+NumPy, torch, CUDA generator states), ``val_episodes``, ``history``.
+
+Reference (mmfewshot) checkpoints — ``{"meta": ..., "state_dict": {...}}`` with
+``backbone.``/``head.`` keys — can be imported for testing: our module names
+are the reference's, so the mapping is the identity on ``backbone.*`` and
+``head.weight``; ``meta_test_head.*`` (rebuilt per episode) is dropped.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import CheckpointError
+from .fileio import atomic_save
+
+FORMAT = "negmargin-checkpoint"
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states as checkpoint-safe data (tensors and plain values only)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
+    """Write ``checkpoint`` to ``path`` atomically (a temporary file renamed over it)."""
+    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION,
+                  "negmargin_version": __version__, **checkpoint}
+    atomic_save(path, lambda f: torch.save(checkpoint, f))
+
+
+def _read(path: Path) -> Any:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist; check the path "
+                              "(training writes work_dir/<config name>/best_accuracy_mean.pth)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"refusing to load '{path}': it contains objects other than tensors and plain data, "
+            f"which could run code when unpickled ({first[:160]}); only load files you trust, "
+            "and save them with plain state dicts"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint "
+                              f"(truncated or corrupt?): {str(exc)[:160]}") from None
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a negmargin checkpoint, or import a reference (mmfewshot) one. Never runs code."""
+    path = Path(path)
+    raw = _read(path)
+    if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        if raw.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"'{path}' was written by a newer negmargin "
+                                  f"({raw.get('negmargin_version')}); upgrade negmargin")
+        return raw
+    if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
+        return import_reference(raw, path)
+    raise CheckpointError(
+        f"'{path}' is not a negmargin checkpoint (no 'format' key) nor an mmfewshot one "
+        "(no 'state_dict'); pass a file written by tools/classification/train.py"
+    )
+
+
+def infer_backbone(state: dict[str, torch.Tensor]) -> str:
+    keys = [k for k in state if k.startswith("backbone.")]
+    if any(k.startswith("backbone.layer1.0.conv1") for k in keys):
+        return "resnet12"
+    if any(k.startswith("backbone.layers.0.layers.0") for k in keys):
+        return "conv4"
+    raise CheckpointError("cannot tell the backbone from the checkpoint's keys "
+                          f"(first keys: {', '.join(list(state)[:4])})")
+
+
+def import_reference(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """An mmfewshot checkpoint as a negmargin one (weights only; no optimizer state)."""
+    state = raw["state_dict"]
+    model = {k: v for k, v in state.items()
+             if (k.startswith("backbone.") or k == "head.weight") and isinstance(v, torch.Tensor)}
+    if "head.weight" not in model:
+        raise CheckpointError(f"'{path}' has no 'head.weight'; is it a Neg-Margin/Baseline++ checkpoint?")
+    backbone = infer_backbone(model)
+    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "imported_from": f"mmfewshot:{path.name}",
+        "model": model,
+        "config": None,
+        "backbone": backbone,
+        "num_classes": int(model["head.weight"].shape[0]),
+        "feature_dim": int(model["head.weight"].shape[1]),
+        "epoch": int(meta.get("epoch", 0) or 0),
+        "iteration": int(meta.get("iter", 0) or 0),
+        "best_score": None,
+    }
+
+
+def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path,
+                       expected_backbone: str) -> None:
+    """Load ``checkpoint['model']`` into ``model``, with a clear error on any mismatch."""
+    found = checkpoint.get("backbone") or infer_backbone(checkpoint["model"])
+    if found != expected_backbone:
+        raise CheckpointError(
+            f"checkpoint '{path}' holds a {found} backbone but the config says model.backbone="
+            f"'{expected_backbone}'; use the config the checkpoint was trained with"
+        )
+    state = checkpoint["model"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+             for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if wrong:
+            parts.append(f"shape {', '.join(wrong[:3])}")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not fit the model built from the config ({'; '.join(parts)}); "
+            "check model.backbone, data.channels and data.image_size"
+        )
+    model.load_state_dict(state)

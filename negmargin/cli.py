@@ -1,0 +1,258 @@
+"""Command-line entry points.
+
+``tools/classification/{train,test}.py`` call :func:`train_main` / :func:`test_main`;
+the ``negmargin`` command adds ``prepare``, ``demo``, ``predict`` and ``embed``.
+A :class:`~negmargin.errors.UserError` is printed as one line (``error: ...``) with a
+non-zero exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import NonFiniteLossError, UserError
+
+
+def _guard(fn: Callable[[], int | None]) -> int:
+    try:
+        return int(fn() or 0)
+    except (UserError, NonFiniteLossError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="config file, e.g. configs/classification/neg_margin/cub/...py")
+    parser.add_argument("--cfg-options", "--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        dest="cfg_options", help="override config keys, e.g. train.lr=0.1 model.margin=-0.02")
+    parser.add_argument("--work-dir", help="output folder (default: work_dir/<config name>)")
+    parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
+    parser.add_argument("--seed", type=int, help="training seed (train) / fine-tune seed (test)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (overrides train.device)")
+    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
+                        help="'pytorch' when started by torchrun (detected automatically too)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _load(args) -> object:
+    from .config import load_config
+
+    overrides = list(args.cfg_options)
+    if args.data_root:
+        overrides.append(f"data.root={args.data_root!r}")
+    if args.device:
+        overrides.append(f"train.device={args.device!r}")
+    return load_config(args.config, overrides)
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description="Base-train a Neg-Margin model.")
+    _common(parser)
+    parser.add_argument("--resume-from", "--resume", dest="resume_from", help="checkpoint to resume from")
+    parser.add_argument("--auto-resume", action="store_true", help="resume from <work dir>/latest.pth if it exists")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact replays on CPU)")
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        from .train import run, with_overrides, work_dir_for
+
+        cfg = with_overrides(_load(args), args.seed, args.deterministic, None)
+        summary = run(cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume,
+                      progress=not args.quiet)
+        if summary.get("best_accuracy_mean") is not None:
+            print(f"best val accuracy_mean {summary['best_accuracy_mean']:.2f} (epoch {summary['best_epoch']}); "
+                  f"checkpoint: {summary['best_checkpoint']}")
+
+    return _guard(go)
+
+
+def test_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="test.py", description="Meta-test a checkpoint (5-way episodes).")
+    _common(parser)
+    parser.add_argument("checkpoint", help="e.g. work_dir/<config name>/best_accuracy_mean.pth")
+    parser.add_argument("--shots", type=int, nargs="+", help="shot counts to test (default: the config's); "
+                        "--shots 1 5 runs both from one checkpoint")
+    parser.add_argument("--both-shots", action="store_true", help="same as --shots 1 5")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument("--n-way", type=int)
+    parser.add_argument("--n-query", type=int)
+    parser.add_argument("--n-episodes", type=int)
+    parser.add_argument("--steps", type=int, help="fine-tune steps per episode (default 150 / 600)")
+    parser.add_argument("--episode-seed", type=int)
+    parser.add_argument("--show-task-results", action="store_true", help="print every episode's accuracy")
+    parser.add_argument("--metrics", nargs="*", default=None, help="accepted for compatibility; "
+                        "accuracy is always reported")
+    # argparse: the positional checkpoint follows the config
+    args = parser.parse_args(argv)
+
+    def go() -> None:
+        from .config import apply_override  # noqa: F401
+        from .evaluate import run_test
+        from .train import work_dir_for
+
+        for flag, key in (("n_way", "n_way"), ("n_query", "n_query"), ("n_episodes", "n_episodes"),
+                          ("steps", "steps"), ("episode_seed", "episode_seed")):
+            value = getattr(args, flag)
+            if value is not None:
+                args.cfg_options.append(f"meta_test.{key}={value}")
+        if args.seed is not None:
+            args.cfg_options.append(f"finetune.seed={args.seed}")
+        cfg = _load(args)
+        shots = [1, 5] if args.both_shots else args.shots
+        if shots and any(s <= 0 for s in shots):
+            raise UserError(f"--shots must be positive, got {shots}")
+        run_test(cfg, args.checkpoint, work_dir_for(cfg, args.work_dir), shots, args.split,
+                 args.show_task_results, progress=not args.quiet)
+
+    return _guard(go)
+
+
+# ------------------------------------------------------------------ negmargin command
+
+
+def _prepare(args) -> None:
+    from .datasets import load_split
+
+    overrides = list(args.cfg_options)
+    cfg = _config_for_dataset(args.dataset, args.root, args.size, overrides, args.config)
+    if args.workers is not None:
+        cfg.data.prepare_workers = args.workers
+    if args.skip_bad_images:
+        cfg.data.skip_bad_images = True
+    for split in args.splits:
+        t = time.time()
+        packed = load_split(cfg, split)
+        print(f"{split}: {len(packed)} images in {packed.folder} ({time.time() - t:.1f} s)")
+
+
+def _config_for_dataset(dataset, root, size, overrides, config_path):
+    from .config import Config, load_config
+
+    if config_path:
+        cfg = load_config(config_path, overrides)
+    else:
+        raw: dict = {"data": {"dataset": dataset}}
+        cfg = Config.from_dict(raw)
+        if dataset == "omniglot":
+            cfg.data.channels, cfg.data.mean, cfg.data.std = 1, (255 * 0.92,), (255 * 0.26,)
+            cfg.data.image_size, cfg.data.test_resize, cfg.data.train_store_size = 28, 28, 28
+            cfg.augment.interpolation = "pil"
+        cfg = Config.from_dict(cfg.to_dict() | {})
+        from .config import apply_override
+
+        raw = cfg.to_dict()
+        for item in overrides:
+            apply_override(raw, item)
+        cfg = Config.from_dict(raw).validate()
+    if root:
+        cfg.data.root = root
+    if size:
+        cfg.data.train_store_size = size
+    return cfg
+
+
+def _demo(args) -> None:
+    from .config import load_config
+    from .evaluate import run_test
+    from .train import run
+
+    config = Path(args.config)
+    if not config.is_file():
+        raise UserError(f"demo config '{config}' not found; run from the repository root")
+    cfg = load_config(config, list(args.cfg_options))
+    work_dir = Path(args.work_dir or Path("work_dir") / cfg.name)
+    t0 = time.time()
+    summary = run(cfg, work_dir, progress=not args.quiet)
+    t_train = time.time() - t0
+    results = run_test(cfg, work_dir / "best_accuracy_mean.pth", work_dir, [1, 5], progress=not args.quiet)
+    total = time.time() - t0
+    print()
+    print(f"demo done in {total:.0f} s (training {t_train:.0f} s, best val {summary['best_accuracy_mean']:.2f}% "
+          f"at epoch {summary['best_epoch']})")
+    for r in results:
+        print(f"  novel classes, {r.line()}   (chance: {100 / r.n_way:.0f}%)")
+
+
+def _predict(args) -> None:
+    from .predict import FewShotClassifier, collect_query_paths, write_predictions
+
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
+    clf.fit_folder(args.support, steps=args.steps)
+    paths = collect_query_paths(args.query)
+    table = clf.predict_paths(paths, top_k=args.top_k)
+    write_predictions(table, args.out, as_json=args.json, top_k=args.top_k)
+
+
+def _embed(args) -> None:
+    from .predict import FewShotClassifier, collect_query_paths
+
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
+    paths = collect_query_paths(args.paths)
+    feats = clf.embed(paths)
+    import numpy as np
+
+    from .fileio import atomic_save
+
+    atomic_save(args.out, lambda f: np.savez(f, features=feats.numpy(), paths=np.array([str(p) for p in paths])))
+    print(f"wrote {len(paths)} × {feats.shape[1]} features to {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="negmargin", description="Neg-Margin few-shot classification.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("train", help="same as tools/classification/train.py", add_help=False)
+    sub.add_parser("test", help="same as tools/classification/test.py", add_help=False)
+
+    p = sub.add_parser("prepare", help="decode a dataset once into the packed cache")
+    p.add_argument("dataset", help="cub, mini_imagenet, tiered_imagenet, omniglot, folder or demo")
+    p.add_argument("--root", help="dataset folder")
+    p.add_argument("--size", type=int, help="short side of stored training images (default 256)")
+    p.add_argument("--config", help="take data settings from this config instead")
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    p.add_argument("--workers", type=int, help="decode processes (default: all cores)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (prints how many)")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+
+    p = sub.add_parser("demo", help="generate the demo dataset, train and meta-test on it (~3 min on 2 cores)")
+    p.add_argument("--config", default="configs/classification/neg_margin/demo/neg-margin_cosine_conv4_demo_5way-1shot.py")
+    p.add_argument("--work-dir")
+    p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--quiet", action="store_true")
+
+    p = sub.add_parser("predict", help="few-shot prediction on your own images")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--support", required=True, help="folder with one sub-folder of labelled images per class")
+    p.add_argument("--query", required=True, nargs="+", help="image files or folders to classify")
+    p.add_argument("--out", help="CSV (or JSON with --json) file to write")
+    p.add_argument("--json", action="store_true", help="print/write JSON instead of a table/CSV")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--steps", type=int, help="fine-tune steps (default: the protocol's rule for the support size)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+
+    p = sub.add_parser("embed", help="export backbone features of images to an .npz file")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("paths", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True, help="output .npz (arrays: features, paths)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "test"):
+        return (train_main if argv[0] == "train" else test_main)(argv[1:])
+    args = parser.parse_args(argv)
+    handler = {"prepare": _prepare, "demo": _demo, "predict": _predict, "embed": _embed}[args.command]
+    return _guard(lambda: handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

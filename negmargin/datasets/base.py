@@ -1,0 +1,100 @@
+"""What a dataset reader returns: one split's image list, before decoding."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SplitSource:
+    """One split of a dataset as found on disk.
+
+    Attributes:
+        dataset: the reader's key (``cub``, ``mini_imagenet``, ...).
+        split: ``train``, ``val`` or ``test``.
+        class_names: names of this split's classes; label i names class i.
+        labels: (n,) int64 class index of every image.
+        items: n references the decoder understands (paths, or pickle indices).
+        layout: one line saying which on-disk layout was found (for the log).
+        fingerprint: checksum of the inputs' listing (names, sizes, mtimes); a
+            cache built from the same listing is reused.
+        decode: ``decode(item) -> bytes | str`` giving encoded bytes or a path;
+            None means items are paths.
+        rotations: (n,) number of 90° turns to apply after decoding (Omniglot's
+            rotated classes), or None.
+        metadata: extra per-class facts (e.g. tieredImageNet general categories).
+    """
+
+    dataset: str
+    split: str
+    class_names: list[str]
+    labels: np.ndarray
+    items: Sequence[Any]
+    layout: str
+    fingerprint: str
+    decode: Callable[[Any], bytes | str] | None = None
+    rotations: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64)
+        if len(self.labels) != len(self.items):
+            raise ValueError("labels and items differ in length")  # a reader bug
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def item_name(self, i: int) -> str:
+        item = self.items[i]
+        return str(item) if isinstance(item, (str, Path)) else f"{self.dataset}:{self.split}[{i}]"
+
+
+def listing_fingerprint(paths: Sequence[str | Path], extra: str = "") -> str:
+    """sha256 over (path, size, mtime) of every input file, in the given order."""
+    digest = hashlib.sha256(extra.encode())
+    for p in paths:
+        try:
+            st = os.stat(p)
+            digest.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{p}\tmissing\n".encode())
+    return digest.hexdigest()
+
+
+def require_dir(path: Path, what: str, how: str) -> Path:
+    if not path.is_dir():
+        raise DataError(f"{what} '{path}' does not exist. {how}")
+    return path
+
+
+def check_disjoint(splits: dict[str, Sequence[str]], what: str = "class") -> None:
+    """Overlapping splits are an error (a class in two splits leaks novel classes)."""
+    seen: dict[str, str] = {}
+    for split, names in splits.items():
+        for name in names:
+            if name in seen and seen[name] != split:
+                raise DataError(
+                    f"{what} '{name}' is in both the {seen[name]} and the {split} split; "
+                    "splits must not overlap"
+                )
+            seen[name] = split
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
+    from ..imageio import is_image_file
+
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p)
+    )

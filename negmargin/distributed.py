@@ -1,0 +1,93 @@
+"""Thin helpers over ``torch.distributed`` (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK).
+
+Backend: NCCL when the processes use GPUs, Gloo on CPU. A collective waits at
+most ``NEGMARGIN_DIST_TIMEOUT`` seconds (default 1800), so a rank that dies makes
+the others fail with a timeout instead of hanging; torchrun then stops the job.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as td
+
+
+def is_initialized() -> bool:
+    return td.is_available() and td.is_initialized()
+
+
+def rank() -> int:
+    return td.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    return td.get_world_size() if is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device: torch.device) -> None:
+    """Join the process group torchrun set up (no-op outside torchrun)."""
+    if is_initialized() or not launched_by_torchrun():
+        return
+    timeout = datetime.timedelta(seconds=float(os.environ.get("NEGMARGIN_DIST_TIMEOUT", 1800)))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        td.init_process_group(backend, timeout=timeout, device_id=device)
+    else:
+        td.init_process_group(backend, timeout=timeout)
+
+
+def shutdown() -> None:
+    if is_initialized():
+        td.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        td.barrier()
+
+
+def all_gather_object(obj):
+    """Every rank's ``obj``, in rank order (a list of length world size)."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * world_size()
+    td.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    td.all_reduce(t)
+    return float(t.item()) / world_size()
+
+
+def local_device(requested: str) -> torch.device:
+    """The device this process should use: ``auto`` picks CUDA when present (per LOCAL_RANK)."""
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if requested == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    dev = torch.device(requested)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+    return dev

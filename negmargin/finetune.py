@@ -1,0 +1,176 @@
+"""Per-episode fine-tuning of a fresh cosine head, batched over many episodes.
+
+The reference fine-tunes, for every episode, a head ``W`` (K × D) initialised
+kaiming_uniform(a=√5) with SGD (momentum, dampening, weight decay) on mini-batches
+of the support set, then predicts the queries with ``argmax_j T·cos(q, w_j)``.
+
+Every quantity that update touches is a linear combination of row j's *initial*
+weights ``w0_j`` and the episode's normalised support features ``x̂_1..x̂_n``:
+the cosine gradient is ``(T/b)·Σ_i r_ij (x̂_i − cos_ij ŵ_j)/‖w_j‖``, weight decay
+adds ``λ w_j``, momentum mixes past gradients. So we keep each row as
+``w_j = c_j w0_j + Σ_i A_ji x̂_i`` and run SGD on the n + 1 coefficients with
+
+    ⟨w_j, x̂_i⟩ = c_j P_ji + (A G)_ji,        G = X̂ X̂ᵀ (n × n),  P = W0 X̂ᵀ (K × n)
+    ‖w_j‖²     = c_j² ‖w0_j‖² + 2 c_j (A Pᵀ)_jj + (A G Aᵀ)_jj.
+
+This is the same SGD, exactly (up to rounding), in a basis of size n + 1 instead
+of D: the D-dimensional work is a few Gram matrices per episode, computed once,
+and each step is a handful of tiny batched matrix products over all episodes at
+once. ``tests/test_finetune.py`` checks it against a plain ``nn.Module`` +
+``torch.optim.SGD`` loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-12  # F.normalize's eps
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    steps: int = 150
+    lr: float = 0.01
+    momentum: float = 0.9
+    dampening: float = 0.9
+    weight_decay: float = 1e-3
+    batch_size: int = 4
+    temperature: float = 5.0
+    seed: int = 0
+
+
+def episode_randomness(
+    episode_ids: Tensor | np.ndarray, n_way: int, dim: int, n_support: int, settings: FinetuneSettings
+) -> tuple[Tensor, Tensor]:
+    """Initial head weights and support batch orders, a pure function of the episode id.
+
+    Episode e uses the generator ``PCG64([seed, e])``, so any split of the episodes
+    into chunks or processes gives the same numbers.
+
+    Returns:
+        init: (E, n_way, dim) float32, uniform(±1/√dim) (= kaiming_uniform(a=√5));
+        orders: (E, passes, n_support) int64, one shuffled pass over the support
+        set per row, as many passes as the steps need.
+    """
+    per_pass = math.ceil(n_support / settings.batch_size)
+    passes = math.ceil(settings.steps / per_pass)
+    bound = 1.0 / math.sqrt(dim)
+    ids = np.asarray(episode_ids, dtype=np.int64)
+    init = np.empty((len(ids), n_way, dim), dtype=np.float32)
+    orders = np.empty((len(ids), passes, n_support), dtype=np.int64)
+    base = np.tile(np.arange(n_support), (passes, 1))
+    for k, e in enumerate(ids):
+        rng = np.random.default_rng([settings.seed, int(e)])
+        init[k] = rng.uniform(-bound, bound, (n_way, dim))
+        orders[k] = rng.permuted(base, axis=1)
+    return torch.from_numpy(init), torch.from_numpy(orders)
+
+
+def step_positions(orders: Tensor, step: int, batch_size: int) -> Tensor:
+    """Support positions of ``step``'s mini-batch: (E, b), last batch of a pass may be short."""
+    n = orders.shape[-1]
+    per_pass = math.ceil(n / batch_size)
+    p, k = divmod(step, per_pass)
+    return orders[:, p, k * batch_size : min((k + 1) * batch_size, n)]
+
+
+@dataclass
+class Grams:
+    """The per-episode inner products the fine-tune and the prediction need."""
+
+    G: Tensor  # (E, n, n)  X̂ X̂ᵀ
+    P: Tensor  # (E, K, n)  W0 X̂ᵀ
+    w0sq: Tensor  # (E, K)  ‖w0_j‖²
+    QW: Tensor | None = None  # (E, q, K)  Q̂ W0ᵀ
+    QX: Tensor | None = None  # (E, q, n)  Q̂ X̂ᵀ
+
+
+def compute_grams(support: Tensor, init: Tensor, query: Tensor | None = None) -> Grams:
+    """(E, n, D) support, (E, K, D) initial heads, (E, q, D) queries → :class:`Grams` (float64)."""
+    xs = F.normalize(support, dim=-1, eps=EPS)
+    out = Grams(
+        G=(xs @ xs.transpose(1, 2)).double(),
+        P=(init @ xs.transpose(1, 2)).double(),
+        w0sq=init.double().pow(2).sum(-1),
+    )
+    if query is not None:
+        qs = F.normalize(query, dim=-1, eps=EPS)
+        out.QW = (qs @ init.transpose(1, 2)).double()
+        out.QX = (qs @ xs.transpose(1, 2)).double()
+    return out
+
+
+@dataclass
+class HeadState:
+    """Fine-tuned heads in the small basis: ``W = c·W0 + A·X̂``."""
+
+    c: Tensor  # (E, K)
+    A: Tensor  # (E, K, n)
+    norm: Tensor  # (E, K) ‖w_j‖ after the last step
+
+    def weights(self, support: Tensor, init: Tensor) -> Tensor:
+        """The D-dimensional weights (E, K, D), for checks against the reference."""
+        xs = F.normalize(support, dim=-1, eps=EPS).double()
+        return self.c[..., None] * init.double() + self.A @ xs
+
+
+def _norms(c: Tensor, A: Tensor, AG: Tensor, g: Grams) -> Tensor:
+    sq = c * c * g.w0sq + 2 * c * (A * g.P).sum(-1) + (A * AG).sum(-1)
+    return sq.clamp_min(0).sqrt().clamp_min(EPS)
+
+
+def finetune(grams: Grams, support_labels: Tensor, orders: Tensor, s: FinetuneSettings) -> HeadState:
+    """Run ``s.steps`` SGD steps of the cosine head for every episode at once.
+
+    Args:
+        grams: from :func:`compute_grams`.
+        support_labels: (E, n) int64 class of each support item (0..K-1).
+        orders: (E, passes, n) support positions in batch order.
+
+    Returns:
+        the heads as a :class:`HeadState`.
+    """
+    E, K, n = grams.P.shape
+    dtype, device = grams.P.dtype, grams.P.device
+    T = s.temperature
+    c = torch.ones(E, K, dtype=dtype, device=device)
+    A = torch.zeros(E, K, n, dtype=dtype, device=device)
+    mc = torch.zeros_like(c)
+    mA = torch.zeros_like(A)
+    onehot = F.one_hot(support_labels, K).to(dtype).transpose(1, 2)  # (E, K, n)
+    orders = orders.to(device)
+    for t in range(s.steps):
+        pos = step_positions(orders, t, s.batch_size)  # (E, b)
+        b = pos.shape[1]
+        idx = pos[:, None, :].expand(E, K, b)
+        AG = A @ grams.G  # (E, K, n)
+        dots = c[..., None] * grams.P + AG  # ⟨w_j, x̂_i⟩
+        norm = _norms(c, A, AG, grams)
+        cos = dots.gather(2, idx) / norm[..., None]  # (E, K, b)
+        prob = torch.softmax(T * cos, dim=1)
+        r = prob - onehot.gather(2, idx)  # ∂loss/∂logit · b
+        alpha = -(T / b) * (r * cos).sum(-1) / (norm * norm)  # coefficient of w_j itself
+        scale = alpha + s.weight_decay
+        gc = scale * c
+        gA = scale[..., None] * A
+        gA.scatter_add_(2, idx, (T / b) * r / norm[..., None])
+        if t == 0:
+            mc, mA = gc, gA
+        else:
+            mc = s.momentum * mc + (1 - s.dampening) * gc
+            mA = s.momentum * mA + (1 - s.dampening) * gA
+        c = c - s.lr * mc
+        A = A - s.lr * mA
+    return HeadState(c, A, _norms(c, A, A @ grams.G, grams))
+
+
+def query_scores(grams: Grams, head: HeadState) -> Tensor:
+    """Cosine of each query with each fine-tuned row: (E, q, K) (× T gives the logits)."""
+    dots = head.c[:, None, :] * grams.QW + grams.QX @ head.A.transpose(1, 2)
+    return dots / head.norm[:, None, :]

@@ -1,0 +1,135 @@
+"""The training input path: packed cache → crops → batched augmentation on the device.
+
+Per batch, on the CPU (in ``train.workers`` background threads, ahead of the
+model): pick the indices, draw the augmentation parameters, cut each crop box
+out of the memory-mapped cache into one uint8 buffer. On the training device:
+resize + flip + jitter + normalise the whole batch at once
+(:func:`negmargin.augment.train_batch`).
+
+Everything random is a pure function of (seed, epoch, iteration, rank): the
+sampler permutes the split with ``PCG64([seed, epoch])`` and each batch draws
+its augmentation from ``PCG64([seed, epoch, iteration, rank])``. Resuming at an
+(epoch, iteration) therefore replays exactly the batches an uninterrupted run
+would have seen, with no generator state to save.
+
+Under torchrun, rank r takes the strided share ``perm[r::world]`` of each
+epoch's permutation: the ranks' samples are disjoint and together cover the
+split. Each rank's share is padded to whole batches with its own first samples
+(every batch is full, as with the reference's infinite sampler), so all ranks
+run the same number of iterations.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .augment import normalize, sample_params, train_batch
+from .config import Config
+from .datasets import PackedSplit
+from .metatest import test_view
+
+
+class EpochSampler:
+    """Indices of each epoch for one rank, padded to whole batches."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.rank, self.world = n, batch_size, seed, rank, world
+        self.per_rank = math.ceil(n / world)
+        self.iterations = math.ceil(self.per_rank / batch_size)
+
+    def indices(self, epoch: int) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        mine = perm[self.rank :: self.world]
+        return np.resize(mine, self.iterations * self.batch_size)  # wraps around its own share
+
+    def batch(self, epoch: int, iteration: int, indices: np.ndarray | None = None) -> np.ndarray:
+        idx = self.indices(epoch) if indices is None else indices
+        return idx[iteration * self.batch_size : (iteration + 1) * self.batch_size]
+
+
+class TrainLoader:
+    """Iterate (images, labels) batches of one epoch on the training device."""
+
+    def __init__(self, packed: PackedSplit, cfg: Config, batch_size: int, device: torch.device,
+                 rank: int = 0, world: int = 1, channels_last: bool = True) -> None:
+        self.packed, self.cfg, self.device = packed, cfg, device
+        self.channels_last = channels_last
+        self.sampler = EpochSampler(len(packed), batch_size, cfg.train.seed, rank, world)
+        self.rank = rank
+        self.labels = torch.from_numpy(packed.labels)
+        self.pin = device.type == "cuda"
+        cap = cfg.train.max_iters_per_epoch
+        self.iterations = min(self.sampler.iterations, cap) if cap else self.sampler.iterations
+
+    def __len__(self) -> int:
+        return self.iterations
+
+    # ------------------------------------------------------------------ CPU part
+    def prepare(self, epoch: int, iteration: int, indices: np.ndarray) -> dict:
+        """Everything of one batch that happens on the CPU: indices, parameters, crops."""
+        t0 = time.perf_counter()
+        idx = self.sampler.batch(epoch, iteration, indices)
+        cfg = self.cfg
+        labels = self.labels[idx]
+        if not cfg.augment.enabled:
+            batch = np.stack([test_view(self.packed.image(i), cfg.test_resize, cfg.data.image_size,
+                                        cfg.augment.interpolation) for i in idx])
+            pixels = torch.from_numpy(batch)
+            return {"pixels": pixels.pin_memory() if self.pin else pixels, "labels": labels,
+                    "params": None, "hw": None, "cpu_time": time.perf_counter() - t0}
+        rng = np.random.default_rng([cfg.train.seed, epoch, iteration, self.rank])
+        params = sample_params(rng, self.packed.heights[idx], self.packed.widths[idx], cfg.augment)
+        hw = params.boxes[:, 2:]
+        buf = torch.empty((len(idx), int(hw[:, 0].max()), int(hw[:, 1].max()), self.cfg.data.channels),
+                          dtype=torch.uint8, pin_memory=self.pin)
+        view = buf.numpy()
+        for b, (i, (top, left, h, w)) in enumerate(zip(idx, params.boxes)):
+            view[b, :h, :w] = self.packed.image(int(i))[top : top + h, left : left + w]
+        return {"pixels": buf, "labels": labels, "params": params, "hw": torch.from_numpy(hw),
+                "cpu_time": time.perf_counter() - t0}
+
+    # ------------------------------------------------------------------ device part
+    def finish(self, item: dict) -> tuple[Tensor, Tensor]:
+        cfg = self.cfg
+        pixels = item["pixels"].to(self.device, non_blocking=True)
+        if item["params"] is None:
+            x = normalize(pixels.permute(0, 3, 1, 2).float(), cfg.data.mean, cfg.data.std)
+        else:
+            hw = item["hw"].to(self.device, non_blocking=True)
+            x = train_batch(pixels, hw, item["params"], cfg.augment, cfg.data.image_size,
+                            cfg.data.mean, cfg.data.std)
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x, item["labels"].to(self.device, non_blocking=True)
+
+    def epoch(self, epoch: int, start: int = 0, workers: int | None = None) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """Yield (images, labels, data_time) for iterations ``start..len-1`` of ``epoch``.
+
+        ``data_time`` is how long the training loop waited for this batch.
+        """
+        workers = self.cfg.train.workers if workers is None else workers
+        indices = self.sampler.indices(epoch)
+        if workers <= 0:
+            for it in range(start, self.iterations):
+                t0 = time.perf_counter()
+                images, labels = self.finish(self.prepare(epoch, it, indices))
+                yield images, labels, time.perf_counter() - t0
+            return
+        depth = 2 * workers
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix="negmargin-loader") as pool:
+            pending = {}
+            nxt = start
+            for it in range(start, self.iterations):
+                while nxt < self.iterations and len(pending) < depth:
+                    pending[nxt] = pool.submit(self.prepare, epoch, nxt, indices)
+                    nxt += 1
+                t0 = time.perf_counter()
+                item = pending.pop(it).result()
+                images, labels = self.finish(item)
+                yield images, labels, time.perf_counter() - t0

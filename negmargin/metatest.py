@@ -1,0 +1,255 @@
+"""Meta-testing: extract a split's features once, draw episodes, fine-tune, score.
+
+One engine serves validation during training (100 val episodes) and ``test.py``
+(2000 episodes). :func:`run_episodes` is a pure function of (features, episodes,
+episode ids, settings): each episode's random head init and batch order depend
+only on its id, so the episodes can be split across chunks or processes and give
+the same per-episode accuracies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import distributed as dist
+from .augment import normalize, test_crop_box
+from .config import Config, EvalConfig, FinetuneConfig, eval_steps
+from .datasets import PackedSplit
+from .episodes import sample_episodes
+from .finetune import FinetuneSettings, compute_grams, episode_randomness, finetune, query_scores
+from .resample import resize_array
+
+Z_95 = 1.96
+
+
+@dataclass
+class MetaTestResult:
+    accuracies: np.ndarray  # (n_episodes,) percent
+    n_way: int
+    n_shot: int
+    n_query: int
+    steps: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def mean(self) -> float:
+        return float(self.accuracies.mean())
+
+    @property
+    def ci95(self) -> float:
+        """95% confidence half-width: 1.96 · std(ddof=0) / √episodes (the reference's formula)."""
+        return float(Z_95 * self.accuracies.std() / math.sqrt(len(self.accuracies)))
+
+    def to_dict(self, with_episodes: bool = False) -> dict:
+        out = {
+            "accuracy_mean": round(self.mean, 4),
+            "accuracy_ci95": round(self.ci95, 4),
+            "n_episodes": len(self.accuracies),
+            "n_way": self.n_way,
+            "n_shot": self.n_shot,
+            "n_query": self.n_query,
+            "steps": self.steps,
+            **self.extra,
+        }
+        if with_episodes:
+            out["episode_accuracies"] = [round(float(a), 4) for a in self.accuracies]
+        return out
+
+    def line(self) -> str:
+        return (f"{self.n_way}-way {self.n_shot}-shot: accuracy_mean {self.mean:.2f}  "
+                f"95% CI ± {self.ci95:.2f}  ({len(self.accuracies)} episodes)")
+
+
+def settings_for(ev: EvalConfig, ft: FinetuneConfig) -> FinetuneSettings:
+    return FinetuneSettings(
+        steps=eval_steps(ev), lr=ft.lr, momentum=ft.momentum, dampening=ft.dampening,
+        weight_decay=ft.weight_decay, batch_size=ft.batch_size, temperature=ft.temperature, seed=ft.seed,
+    )
+
+
+def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes: int = 256 * 2**20) -> int:
+    """Episodes per chunk so that the gathered features of a chunk stay within the budget."""
+    per_episode = (n_support + n_query + n_way) * dim * 4 * 3  # features, normalised copies
+    return max(16, min(1024, budget_bytes // per_episode))
+
+
+def run_episodes(
+    features: Tensor,
+    episodes: Tensor,
+    episode_ids: Tensor,
+    n_shot: int,
+    settings: FinetuneSettings,
+    chunk_size: int = 0,
+    progress: bool = False,
+    desc: str = "meta-test",
+) -> np.ndarray:
+    """Fine-tune and score every episode.
+
+    Args:
+        features: (N, D) features of the split (any device).
+        episodes: (E, n_way, n_shot + n_query) indices into ``features``.
+        episode_ids: (E,) global ids, seeding each episode's head init and batch order.
+
+    Returns:
+        (E,) accuracy in percent over each episode's queries.
+    """
+    E, n_way, per_class = episodes.shape
+    n_query = per_class - n_shot
+    n = n_way * n_shot
+    device = features.device
+    dim = features.shape[1]
+    chunk = chunk_size or auto_chunk(n, n_way * n_query, n_way, dim)
+    support_labels = torch.arange(n_way, device=device).repeat_interleave(n_shot)
+    query_labels = torch.arange(n_way, device=device).repeat_interleave(n_query)
+    out = np.empty(E, dtype=np.float64)
+    bar = tqdm(total=E, desc=desc, unit="episode", disable=not progress, dynamic_ncols=True, leave=False)
+    for start in range(0, E, chunk):
+        stop = min(start + chunk, E)
+        ep = episodes[start:stop].to(device)
+        m = stop - start
+        support = features[ep[:, :, :n_shot].reshape(m, n)]
+        query = features[ep[:, :, n_shot:].reshape(m, n_way * n_query)]
+        init, orders = episode_randomness(episode_ids[start:stop], n_way, dim, n, settings)
+        grams = compute_grams(support.float(), init.to(device), query.float())
+        head = finetune(grams, support_labels.expand(m, n), orders, settings)
+        pred = query_scores(grams, head).argmax(-1)
+        out[start:stop] = (pred == query_labels).double().mean(-1).mul(100).cpu().numpy()
+        bar.update(m)
+    bar.close()
+    return out
+
+
+def meta_test(
+    features: Tensor,
+    labels: np.ndarray,
+    ev: EvalConfig,
+    ft: FinetuneConfig,
+    class_names: list[str] | None = None,
+    where: str = "split",
+    progress: bool = True,
+    desc: str = "meta-test",
+) -> MetaTestResult:
+    """Draw ``ev``'s episodes from a split and meta-test them (split across ranks under torchrun)."""
+    episodes = sample_episodes(labels, ev.n_way, ev.n_shot, ev.n_query, ev.n_episodes,
+                               seed=ev.episode_seed, class_names=class_names, where=where)
+    settings = settings_for(ev, ft)
+    ids = torch.arange(ev.n_episodes)
+    rank, world = dist.rank(), dist.world_size()
+    mine = ids[rank::world]
+    accs = run_episodes(features, episodes[mine], mine, ev.n_shot, settings, ft.chunk_size,
+                        progress=progress and rank == 0, desc=desc)
+    if world > 1:
+        parts = dist.all_gather_object((mine.numpy(), accs))
+        full = np.empty(ev.n_episodes, dtype=np.float64)
+        for ids_part, acc_part in parts:
+            full[ids_part] = acc_part
+        accs = full
+    return MetaTestResult(accs, ev.n_way, ev.n_shot, ev.n_query, settings.steps)
+
+
+# --------------------------------------------------------------------------- features
+
+
+def test_view(image: np.ndarray, resize_short: int, size: int, mode: str) -> np.ndarray:
+    """The test transform's pixels for one stored image: resize short side, centre crop."""
+    h, w = image.shape[:2]
+    out_h, out_w, top, left = test_crop_box(h, w, resize_short, size)
+    if (out_h, out_w) != (h, w):
+        image = resize_array(image, out_h, out_w, mode)
+    return image[top : top + size, left : left + size]
+
+
+def image_batches(packed: PackedSplit, cfg: Config, batch_size: int):
+    """Yield (B, size, size, C) uint8 arrays of a split under the test transform."""
+    size, short, mode = cfg.data.image_size, cfg.test_resize, cfg.augment.interpolation
+    for start in range(0, len(packed), batch_size):
+        stop = min(start + batch_size, len(packed))
+        yield np.stack([test_view(packed.image(i), short, size, mode) for i in range(start, stop)])
+
+
+def to_input(batch: np.ndarray, cfg: Config, device: torch.device, channels_last: bool = False) -> Tensor:
+    """(B, H, W, C) uint8 → normalised (B, C, H, W) float32 on ``device``."""
+    x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    x = normalize(x, cfg.data.mean, cfg.data.std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module,
+    packed: PackedSplit,
+    cfg: Config,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+    progress: bool = True,
+    desc: str = "extract features",
+) -> Tensor:
+    """Features of every image of a split: frozen backbone, eval mode, test transform → (N, D) float32."""
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    bs = cfg.finetune.feature_batch_size
+    bar = tqdm(total=len(packed), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
+    for batch in image_batches(packed, cfg, bs):
+        x = to_input(batch, cfg, device, channels_last)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            f = backbone(x)
+        feats.append(f.float())
+        bar.update(len(batch))
+    bar.close()
+    backbone.train(was_training)
+    return torch.cat(feats)
+
+
+def feature_cache_key(backbone: nn.Module, packed: PackedSplit, cfg: Config, precision: str) -> str:
+    """Checkpoint content + split + transform → a hex key."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    h.update(repr((packed.manifest["fingerprint"], packed.manifest["policy"], packed.split,
+                   cfg.data.image_size, cfg.test_resize, tuple(cfg.data.mean), tuple(cfg.data.std),
+                   cfg.augment.interpolation, precision)).encode())
+    return h.hexdigest()[:20]
+
+
+def cached_features(
+    backbone: nn.Module,
+    packed: PackedSplit,
+    cfg: Config,
+    device: torch.device,
+    cache_dir: Path | None,
+    autocast_dtype: torch.dtype | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+    log=print,
+) -> Tensor:
+    """:func:`extract_features`, reusing ``cache_dir/<split>-<key>.pt`` when the key matches."""
+    from .fileio import atomic_save
+
+    path = None
+    if cache_dir is not None:
+        key = feature_cache_key(backbone, packed, cfg, precision)
+        path = Path(cache_dir) / f"{packed.split}-{key}.pt"
+        if path.is_file():
+            try:
+                feats = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(feats, Tensor) and feats.shape[0] == len(packed):
+                    log(f"features of {packed.split} loaded from cache {path}")
+                    return feats.to(device)
+            except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
+                pass
+    feats = extract_features(backbone, packed, cfg, device, autocast_dtype, progress=progress,
+                             desc=f"extract {packed.split} features")
+    if path is not None and dist.is_main():
+        atomic_save(path, lambda f: torch.save(feats.cpu(), f))
+    return feats
