@@ -174,9 +174,7 @@ def test_crop_box(height: int, width: int, resize_short: int, size: int) -> tupl
     return out_h, out_w, int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
 
 
-def test_batch(
-    images: Tensor, resize_short: int, size: int, mode: str, mean, std
-) -> Tensor:
+def test_batch(images: Tensor, resize_short: int, size: int, mode: str, mean, std) -> Tensor:
     """Test transform for a batch of equally sized images (B, H, W, C) uint8.
 
     Resize the short side to ``resize_short`` (skipped when it already is),

@@ -44,8 +44,12 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": [py[0], list(py[1]), py[2]],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "numpy": {
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -57,7 +61,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    np.random.set_state(
+        ("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -65,15 +71,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
     """Write ``checkpoint`` to ``path`` atomically (a temporary file renamed over it)."""
-    checkpoint = {"format": FORMAT, "format_version": FORMAT_VERSION,
-                  "negmargin_version": __version__, **checkpoint}
+    checkpoint = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "negmargin_version": __version__,
+        **checkpoint,
+    }
     atomic_save(path, lambda f: torch.save(checkpoint, f))
 
 
 def _read(path: Path) -> Any:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' does not exist; check the path "
-                              "(training writes work_dir/<config name>/best_accuracy_mean.pth)")
+        raise CheckpointError(
+            f"checkpoint '{path}' does not exist; check the path "
+            "(training writes work_dir/<config name>/best_accuracy_mean.pth)"
+        )
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -84,8 +96,9 @@ def _read(path: Path) -> Any:
             "and save them with plain state dicts"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"'{path}' is not a readable PyTorch checkpoint "
-                              f"(truncated or corrupt?): {str(exc)[:160]}") from None
+        raise CheckpointError(
+            f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {str(exc)[:160]}"
+        ) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -94,8 +107,10 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     raw = _read(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
         if raw.get("format_version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"'{path}' was written by a newer negmargin "
-                                  f"({raw.get('negmargin_version')}); upgrade negmargin")
+            raise CheckpointError(
+                f"'{path}' was written by a newer negmargin "
+                f"({raw.get('negmargin_version')}); upgrade negmargin"
+            )
         return raw
     if isinstance(raw, dict) and isinstance(raw.get("state_dict"), dict):
         return import_reference(raw, path)
@@ -111,15 +126,19 @@ def infer_backbone(state: dict[str, torch.Tensor]) -> str:
         return "resnet12"
     if any(k.startswith("backbone.layers.0.layers.0") for k in keys):
         return "conv4"
-    raise CheckpointError("cannot tell the backbone from the checkpoint's keys "
-                          f"(first keys: {', '.join(list(state)[:4])})")
+    raise CheckpointError(
+        f"cannot tell the backbone from the checkpoint's keys (first keys: {', '.join(list(state)[:4])})"
+    )
 
 
 def import_reference(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     """An mmfewshot checkpoint as a negmargin one (weights only; no optimizer state)."""
     state = raw["state_dict"]
-    model = {k: v for k, v in state.items()
-             if (k.startswith("backbone.") or k == "head.weight") and isinstance(v, torch.Tensor)}
+    model = {
+        k: v
+        for k, v in state.items()
+        if (k.startswith("backbone.") or k == "head.weight") and isinstance(v, torch.Tensor)
+    }
     if "head.weight" not in model:
         raise CheckpointError(f"'{path}' has no 'head.weight'; is it a Neg-Margin/Baseline++ checkpoint?")
     backbone = infer_backbone(model)
@@ -139,8 +158,9 @@ def import_reference(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     }
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path,
-                       expected_backbone: str) -> None:
+def load_model_weights(
+    model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path, expected_backbone: str
+) -> None:
     """Load ``checkpoint['model']`` into ``model``, with a clear error on any mismatch."""
     found = checkpoint.get("backbone") or infer_backbone(checkpoint["model"])
     if found != expected_backbone:
@@ -152,8 +172,11 @@ def load_model_weights(model: torch.nn.Module, checkpoint: dict[str, Any], path:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:

@@ -30,14 +30,25 @@ def _guard(fn: Callable[[], int | None]) -> int:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="config file, e.g. configs/classification/neg_margin/cub/...py")
-    parser.add_argument("--cfg-options", "--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        dest="cfg_options", help="override config keys, e.g. train.lr=0.1 model.margin=-0.02")
+    parser.add_argument(
+        "--cfg-options",
+        "--options",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="cfg_options",
+        help="override config keys, e.g. train.lr=0.1 model.margin=-0.02",
+    )
     parser.add_argument("--work-dir", help="output folder (default: work_dir/<config name>)")
     parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
     parser.add_argument("--seed", type=int, help="training seed (train) / fine-tune seed (test)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (overrides train.device)")
-    parser.add_argument("--launcher", choices=["none", "pytorch"], default="none",
-                        help="'pytorch' when started by torchrun (detected automatically too)")
+    parser.add_argument(
+        "--launcher",
+        choices=["none", "pytorch"],
+        default="none",
+        help="'pytorch' when started by torchrun (detected automatically too)",
+    )
     parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -57,19 +68,26 @@ def train_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train.py", description="Base-train a Neg-Margin model.")
     _common(parser)
     parser.add_argument("--resume-from", "--resume", dest="resume_from", help="checkpoint to resume from")
-    parser.add_argument("--auto-resume", action="store_true", help="resume from <work dir>/latest.pth if it exists")
-    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (exact replays on CPU)")
+    parser.add_argument(
+        "--auto-resume", action="store_true", help="resume from <work dir>/latest.pth if it exists"
+    )
+    parser.add_argument(
+        "--deterministic", action="store_true", help="deterministic algorithms (exact replays on CPU)"
+    )
     args = parser.parse_args(argv)
 
     def go() -> None:
         from .train import run, with_overrides, work_dir_for
 
         cfg = with_overrides(_load(args), args.seed, args.deterministic, None)
-        summary = run(cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume,
-                      progress=not args.quiet)
+        summary = run(
+            cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume, progress=not args.quiet
+        )
         if summary.get("best_accuracy_mean") is not None:
-            print(f"best val accuracy_mean {summary['best_accuracy_mean']:.2f} (epoch {summary['best_epoch']}); "
-                  f"checkpoint: {summary['best_checkpoint']}")
+            print(
+                f"best val accuracy_mean {summary['best_accuracy_mean']:.2f} (epoch {summary['best_epoch']}); "
+                f"checkpoint: {summary['best_checkpoint']}"
+            )
 
     return _guard(go)
 
@@ -78,8 +96,12 @@ def test_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="test.py", description="Meta-test a checkpoint (5-way episodes).")
     _common(parser)
     parser.add_argument("checkpoint", help="e.g. work_dir/<config name>/best_accuracy_mean.pth")
-    parser.add_argument("--shots", type=int, nargs="+", help="shot counts to test (default: the config's); "
-                        "--shots 1 5 runs both from one checkpoint")
+    parser.add_argument(
+        "--shots",
+        type=int,
+        nargs="+",
+        help="shot counts to test (default: the config's); --shots 1 5 runs both from one checkpoint",
+    )
     parser.add_argument("--both-shots", action="store_true", help="same as --shots 1 5")
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--n-way", type=int)
@@ -88,8 +110,9 @@ def test_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="fine-tune steps per episode (default 150 / 600)")
     parser.add_argument("--episode-seed", type=int)
     parser.add_argument("--show-task-results", action="store_true", help="print every episode's accuracy")
-    parser.add_argument("--metrics", nargs="*", default=None, help="accepted for compatibility; "
-                        "accuracy is always reported")
+    parser.add_argument(
+        "--metrics", nargs="*", default=None, help="accepted for compatibility; accuracy is always reported"
+    )
     # argparse: the positional checkpoint follows the config
     args = parser.parse_args(argv)
 
@@ -98,8 +121,13 @@ def test_main(argv: list[str] | None = None) -> int:
         from .evaluate import run_test
         from .train import work_dir_for
 
-        for flag, key in (("n_way", "n_way"), ("n_query", "n_query"), ("n_episodes", "n_episodes"),
-                          ("steps", "steps"), ("episode_seed", "episode_seed")):
+        for flag, key in (
+            ("n_way", "n_way"),
+            ("n_query", "n_query"),
+            ("n_episodes", "n_episodes"),
+            ("steps", "steps"),
+            ("episode_seed", "episode_seed"),
+        ):
             value = getattr(args, flag)
             if value is not None:
                 args.cfg_options.append(f"meta_test.{key}={value}")
@@ -109,8 +137,15 @@ def test_main(argv: list[str] | None = None) -> int:
         shots = [1, 5] if args.both_shots else args.shots
         if shots and any(s <= 0 for s in shots):
             raise UserError(f"--shots must be positive, got {shots}")
-        run_test(cfg, args.checkpoint, work_dir_for(cfg, args.work_dir), shots, args.split,
-                 args.show_task_results, progress=not args.quiet)
+        run_test(
+            cfg,
+            args.checkpoint,
+            work_dir_for(cfg, args.work_dir),
+            shots,
+            args.split,
+            args.show_task_results,
+            progress=not args.quiet,
+        )
 
     return _guard(go)
 
@@ -175,8 +210,10 @@ def _demo(args) -> None:
     results = run_test(cfg, work_dir / "best_accuracy_mean.pth", work_dir, [1, 5], progress=not args.quiet)
     total = time.time() - t0
     print()
-    print(f"demo done in {total:.0f} s (training {t_train:.0f} s, best val {summary['best_accuracy_mean']:.2f}% "
-          f"at epoch {summary['best_epoch']})")
+    print(
+        f"demo done in {total:.0f} s (training {t_train:.0f} s, best val {summary['best_accuracy_mean']:.2f}% "
+        f"at epoch {summary['best_epoch']})"
+    )
     for r in results:
         print(f"  novel classes, {r.line()}   (chance: {100 / r.n_way:.0f}%)")
 
@@ -201,7 +238,9 @@ def _embed(args) -> None:
 
     from .fileio import atomic_save
 
-    atomic_save(args.out, lambda f: np.savez(f, features=feats.numpy(), paths=np.array([str(p) for p in paths])))
+    atomic_save(
+        args.out, lambda f: np.savez(f, features=feats.numpy(), paths=np.array([str(p) for p in paths]))
+    )
     print(f"wrote {len(paths)} × {feats.shape[1]} features to {args.out}")
 
 
@@ -222,8 +261,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable files (prints how many)")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
 
-    p = sub.add_parser("demo", help="generate the demo dataset, train and meta-test on it (~3 min on 2 cores)")
-    p.add_argument("--config", default="configs/classification/neg_margin/demo/neg-margin_cosine_conv4_demo_5way-1shot.py")
+    p = sub.add_parser(
+        "demo", help="generate the demo dataset, train and meta-test on it (~3 min on 2 cores)"
+    )
+    p.add_argument(
+        "--config",
+        default="configs/classification/neg_margin/demo/neg-margin_cosine_conv4_demo_5way-1shot.py",
+    )
     p.add_argument("--work-dir")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
@@ -235,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="CSV (or JSON with --json) file to write")
     p.add_argument("--json", action="store_true", help="print/write JSON instead of a table/CSV")
     p.add_argument("--top-k", type=int, default=3)
-    p.add_argument("--steps", type=int, help="fine-tune steps (default: the protocol's rule for the support size)")
+    p.add_argument(
+        "--steps", type=int, help="fine-tune steps (default: the protocol's rule for the support size)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
 

@@ -216,9 +216,7 @@ def parse_config_file(path: Path) -> dict[str, Any]:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             continue  # a docstring
         if not (
-            isinstance(node, ast.Assign)
-            and len(node.targets) == 1
-            and isinstance(node.targets[0], ast.Name)
+            isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
         ):
             raise ConfigError(
                 f"{path}:{node.lineno}: a config file may only contain assignments "
@@ -241,8 +239,12 @@ def _literal(node: ast.AST, path: Path) -> Any:
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Div, ast.Mult, ast.Add, ast.Sub)):
         left, right = _literal(node.left, path), _literal(node.right, path)
         if isinstance(left, (int, float)) and isinstance(right, (int, float)):
-            ops = {ast.Div: lambda a, b: a / b, ast.Mult: lambda a, b: a * b,
-                   ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b}
+            ops = {
+                ast.Div: lambda a, b: a / b,
+                ast.Mult: lambda a, b: a * b,
+                ast.Add: lambda a, b: a + b,
+                ast.Sub: lambda a, b: a - b,
+            }
             return ops[type(node.op)](left, right)
     try:
         return ast.literal_eval(node)
@@ -285,8 +287,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
         near = difflib.get_close_matches(str(key), names, n=3, cutoff=0.5)
         hint = f"; did you mean {', '.join(prefix + n for n in near)}?" if near else ""
         raise ConfigError(
-            f"{source}: unknown config key '{prefix}{key}'{hint} "
-            f"(valid keys: {', '.join(names)})"
+            f"{source}: unknown config key '{prefix}{key}'{hint} (valid keys: {', '.join(names)})"
         )
     kwargs = {}
     for name in names:
@@ -302,8 +303,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
     def fail(expected: str) -> ConfigError:
         return ConfigError(
-            f"{source}: config key '{key}' expects {expected}, got {value!r} "
-            f"({type(value).__name__})"
+            f"{source}: config key '{key}' expects {expected}, got {value!r} ({type(value).__name__})"
         )
 
     if origin is typing.Union or origin is types.UnionType:

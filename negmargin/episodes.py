@@ -15,8 +15,9 @@ import torch
 from .errors import DataError
 
 
-def check_episode_feasible(labels: np.ndarray, class_names: list[str] | None, n_way: int,
-                           n_per_class: int, where: str = "split") -> None:
+def check_episode_feasible(
+    labels: np.ndarray, class_names: list[str] | None, n_way: int, n_per_class: int, where: str = "split"
+) -> None:
     """Fail before drawing if the split has too few classes or too few images in a class."""
     counts = np.bincount(np.asarray(labels), minlength=len(class_names or []))
     present = int((counts > 0).sum())

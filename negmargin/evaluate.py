@@ -61,19 +61,40 @@ def run_test(
     dist.barrier()
     if not main:
         packed = load_split(cfg, split, progress=False, log=log.info)
-    feats = cached_features(model.backbone, packed, cfg, device, work_dir / "features", autocast_dtype,
-                            precision, progress=progress and main, log=log.info)
+    feats = cached_features(
+        model.backbone,
+        packed,
+        cfg,
+        device,
+        work_dir / "features",
+        autocast_dtype,
+        precision,
+        progress=progress and main,
+        log=log.info,
+    )
     results = []
     for n_shot in shots or [cfg.meta_test.n_shot]:
         ev = cfg.meta_test
         if n_shot != ev.n_shot:
             ev = replace(ev, n_shot=n_shot, steps=None)  # the protocol's steps for that shot count
-        result = meta_test(feats, packed.labels, ev, cfg.finetune, packed.class_names,
-                           where=f"{split} split", progress=progress and main,
-                           desc=f"meta-test {ev.n_way}-way {n_shot}-shot")
-        result.extra = {"split": split, "checkpoint": str(checkpoint_path), "config": cfg.name,
-                        "episode_seed": ev.episode_seed, "finetune_seed": cfg.finetune.seed,
-                        "checkpoint_epoch": ckpt.get("epoch")}
+        result = meta_test(
+            feats,
+            packed.labels,
+            ev,
+            cfg.finetune,
+            packed.class_names,
+            where=f"{split} split",
+            progress=progress and main,
+            desc=f"meta-test {ev.n_way}-way {n_shot}-shot",
+        )
+        result.extra = {
+            "split": split,
+            "checkpoint": str(checkpoint_path),
+            "config": cfg.name,
+            "episode_seed": ev.episode_seed,
+            "finetune_seed": cfg.finetune.seed,
+            "checkpoint_epoch": ckpt.get("epoch"),
+        }
         results.append(result)
         if main:
             if show_task_results:

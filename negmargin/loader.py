@@ -57,8 +57,16 @@ class EpochSampler:
 class TrainLoader:
     """Iterate (images, labels) batches of one epoch on the training device."""
 
-    def __init__(self, packed: PackedSplit, cfg: Config, batch_size: int, device: torch.device,
-                 rank: int = 0, world: int = 1, channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        packed: PackedSplit,
+        cfg: Config,
+        batch_size: int,
+        device: torch.device,
+        rank: int = 0,
+        world: int = 1,
+        channels_last: bool = True,
+    ) -> None:
         self.packed, self.cfg, self.device = packed, cfg, device
         self.channels_last = channels_last
         self.sampler = EpochSampler(len(packed), batch_size, cfg.train.seed, rank, world)
@@ -79,21 +87,40 @@ class TrainLoader:
         cfg = self.cfg
         labels = self.labels[idx]
         if not cfg.augment.enabled:
-            batch = np.stack([test_view(self.packed.image(i), cfg.test_resize, cfg.data.image_size,
-                                        cfg.augment.interpolation) for i in idx])
+            batch = np.stack(
+                [
+                    test_view(
+                        self.packed.image(i), cfg.test_resize, cfg.data.image_size, cfg.augment.interpolation
+                    )
+                    for i in idx
+                ]
+            )
             pixels = torch.from_numpy(batch)
-            return {"pixels": pixels.pin_memory() if self.pin else pixels, "labels": labels,
-                    "params": None, "hw": None, "cpu_time": time.perf_counter() - t0}
+            return {
+                "pixels": pixels.pin_memory() if self.pin else pixels,
+                "labels": labels,
+                "params": None,
+                "hw": None,
+                "cpu_time": time.perf_counter() - t0,
+            }
         rng = np.random.default_rng([cfg.train.seed, epoch, iteration, self.rank])
         params = sample_params(rng, self.packed.heights[idx], self.packed.widths[idx], cfg.augment)
         hw = params.boxes[:, 2:]
-        buf = torch.empty((len(idx), int(hw[:, 0].max()), int(hw[:, 1].max()), self.cfg.data.channels),
-                          dtype=torch.uint8, pin_memory=self.pin)
+        buf = torch.empty(
+            (len(idx), int(hw[:, 0].max()), int(hw[:, 1].max()), self.cfg.data.channels),
+            dtype=torch.uint8,
+            pin_memory=self.pin,
+        )
         view = buf.numpy()
         for b, (i, (top, left, h, w)) in enumerate(zip(idx, params.boxes)):
             view[b, :h, :w] = self.packed.image(int(i))[top : top + h, left : left + w]
-        return {"pixels": buf, "labels": labels, "params": params, "hw": torch.from_numpy(hw),
-                "cpu_time": time.perf_counter() - t0}
+        return {
+            "pixels": buf,
+            "labels": labels,
+            "params": params,
+            "hw": torch.from_numpy(hw),
+            "cpu_time": time.perf_counter() - t0,
+        }
 
     # ------------------------------------------------------------------ device part
     def finish(self, item: dict) -> tuple[Tensor, Tensor]:
@@ -103,12 +130,15 @@ class TrainLoader:
             x = normalize(pixels.permute(0, 3, 1, 2).float(), cfg.data.mean, cfg.data.std)
         else:
             hw = item["hw"].to(self.device, non_blocking=True)
-            x = train_batch(pixels, hw, item["params"], cfg.augment, cfg.data.image_size,
-                            cfg.data.mean, cfg.data.std)
+            x = train_batch(
+                pixels, hw, item["params"], cfg.augment, cfg.data.image_size, cfg.data.mean, cfg.data.std
+            )
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x, item["labels"].to(self.device, non_blocking=True)
 
-    def epoch(self, epoch: int, start: int = 0, workers: int | None = None) -> Iterator[tuple[Tensor, Tensor, float]]:
+    def epoch(
+        self, epoch: int, start: int = 0, workers: int | None = None
+    ) -> Iterator[tuple[Tensor, Tensor, float]]:
         """Yield (images, labels, data_time) for iterations ``start..len-1`` of ``epoch``.
 
         ``data_time`` is how long the training loop waited for this batch.

@@ -64,14 +64,22 @@ class MetaTestResult:
         return out
 
     def line(self) -> str:
-        return (f"{self.n_way}-way {self.n_shot}-shot: accuracy_mean {self.mean:.2f}  "
-                f"95% CI ± {self.ci95:.2f}  ({len(self.accuracies)} episodes)")
+        return (
+            f"{self.n_way}-way {self.n_shot}-shot: accuracy_mean {self.mean:.2f}  "
+            f"95% CI ± {self.ci95:.2f}  ({len(self.accuracies)} episodes)"
+        )
 
 
 def settings_for(ev: EvalConfig, ft: FinetuneConfig) -> FinetuneSettings:
     return FinetuneSettings(
-        steps=eval_steps(ev), lr=ft.lr, momentum=ft.momentum, dampening=ft.dampening,
-        weight_decay=ft.weight_decay, batch_size=ft.batch_size, temperature=ft.temperature, seed=ft.seed,
+        steps=eval_steps(ev),
+        lr=ft.lr,
+        momentum=ft.momentum,
+        dampening=ft.dampening,
+        weight_decay=ft.weight_decay,
+        batch_size=ft.batch_size,
+        temperature=ft.temperature,
+        seed=ft.seed,
     )
 
 
@@ -138,14 +146,30 @@ def meta_test(
     desc: str = "meta-test",
 ) -> MetaTestResult:
     """Draw ``ev``'s episodes from a split and meta-test them (split across ranks under torchrun)."""
-    episodes = sample_episodes(labels, ev.n_way, ev.n_shot, ev.n_query, ev.n_episodes,
-                               seed=ev.episode_seed, class_names=class_names, where=where)
+    episodes = sample_episodes(
+        labels,
+        ev.n_way,
+        ev.n_shot,
+        ev.n_query,
+        ev.n_episodes,
+        seed=ev.episode_seed,
+        class_names=class_names,
+        where=where,
+    )
     settings = settings_for(ev, ft)
     ids = torch.arange(ev.n_episodes)
     rank, world = dist.rank(), dist.world_size()
     mine = ids[rank::world]
-    accs = run_episodes(features, episodes[mine], mine, ev.n_shot, settings, ft.chunk_size,
-                        progress=progress and rank == 0, desc=desc)
+    accs = run_episodes(
+        features,
+        episodes[mine],
+        mine,
+        ev.n_shot,
+        settings,
+        ft.chunk_size,
+        progress=progress and rank == 0,
+        desc=desc,
+    )
     if world > 1:
         parts = dist.all_gather_object((mine.numpy(), accs))
         full = np.empty(ev.n_episodes, dtype=np.float64)
@@ -198,7 +222,9 @@ def extract_features(
     backbone.eval()
     feats = []
     bs = cfg.finetune.feature_batch_size
-    bar = tqdm(total=len(packed), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = tqdm(
+        total=len(packed), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False
+    )
     for batch in image_batches(packed, cfg, bs):
         x = to_input(batch, cfg, device, channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -216,9 +242,21 @@ def feature_cache_key(backbone: nn.Module, packed: PackedSplit, cfg: Config, pre
     for name, tensor in sorted(backbone.state_dict().items()):
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    h.update(repr((packed.manifest["fingerprint"], packed.manifest["policy"], packed.split,
-                   cfg.data.image_size, cfg.test_resize, tuple(cfg.data.mean), tuple(cfg.data.std),
-                   cfg.augment.interpolation, precision)).encode())
+    h.update(
+        repr(
+            (
+                packed.manifest["fingerprint"],
+                packed.manifest["policy"],
+                packed.split,
+                cfg.data.image_size,
+                cfg.test_resize,
+                tuple(cfg.data.mean),
+                tuple(cfg.data.std),
+                cfg.augment.interpolation,
+                precision,
+            )
+        ).encode()
+    )
     return h.hexdigest()[:20]
 
 
@@ -248,8 +286,15 @@ def cached_features(
                     return feats.to(device)
             except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
                 pass
-    feats = extract_features(backbone, packed, cfg, device, autocast_dtype, progress=progress,
-                             desc=f"extract {packed.split} features")
+    feats = extract_features(
+        backbone,
+        packed,
+        cfg,
+        device,
+        autocast_dtype,
+        progress=progress,
+        desc=f"extract {packed.split} features",
+    )
     if path is not None and dist.is_main():
         atomic_save(path, lambda f: torch.save(feats.cpu(), f))
     return feats

@@ -108,17 +108,41 @@ class StopRequest:
         return flag
 
 
-def validate(model: FewShotModel, val_split, cfg: Config, device, episodes: Tensor,
-             autocast_dtype, channels_last: bool, progress: bool) -> MetaTestResult:
+def validate(
+    model: FewShotModel,
+    val_split,
+    cfg: Config,
+    device,
+    episodes: Tensor,
+    autocast_dtype,
+    channels_last: bool,
+    progress: bool,
+) -> MetaTestResult:
     """Meta-test the current backbone on the fixed val episodes (split across ranks)."""
-    feats = extract_features(model.backbone, val_split, cfg, device, autocast_dtype, channels_last,
-                             progress=progress, desc="val features")
+    feats = extract_features(
+        model.backbone,
+        val_split,
+        cfg,
+        device,
+        autocast_dtype,
+        channels_last,
+        progress=progress,
+        desc="val features",
+    )
     settings = settings_for(cfg.val, cfg.finetune)
     ids = torch.arange(len(episodes))
     rank, world = dist.rank(), dist.world_size()
     mine = ids[rank::world]
-    accs = run_episodes(feats, episodes[mine], mine, cfg.val.n_shot, settings, cfg.finetune.chunk_size,
-                        progress=progress, desc="val episodes")
+    accs = run_episodes(
+        feats,
+        episodes[mine],
+        mine,
+        cfg.val.n_shot,
+        settings,
+        cfg.finetune.chunk_size,
+        progress=progress,
+        desc="val episodes",
+    )
     if world > 1:
         full = np.empty(len(episodes))
         for part_ids, part in dist.all_gather_object((mine.numpy(), accs)):
@@ -132,8 +156,14 @@ def _check_resume_config(cfg: Config, ckpt: dict, path: Path) -> None:
     if not old:
         raise CheckpointError(f"'{path}' has no training state to resume (an imported checkpoint?)")
     new = cfg.to_dict()
-    for section, key in (("model", "backbone"), ("model", "head"), ("data", "dataset"),
-                         ("data", "image_size"), ("train", "batch_size"), ("train", "seed")):
+    for section, key in (
+        ("model", "backbone"),
+        ("model", "head"),
+        ("data", "dataset"),
+        ("data", "image_size"),
+        ("train", "batch_size"),
+        ("train", "seed"),
+    ):
         if old[section][key] != new[section][key]:
             raise ConfigError(
                 f"cannot resume from '{path}': it was trained with {section}.{key}="
@@ -163,7 +193,9 @@ def run(
 
     # Data: the main process prepares the caches, the others then open them.
     def splits():
-        return load_split(cfg, "train", progress=show, log=log.info), load_split(cfg, "val", progress=show, log=log.info)
+        return load_split(cfg, "train", progress=show, log=log.info), load_split(
+            cfg, "val", progress=show, log=log.info
+        )
 
     if main:
         train_split, val_split = splits()
@@ -177,9 +209,16 @@ def run(
             f"model.num_classes={num_classes} but the train split has {train_split.num_classes} "
             "classes; raise it or set it to None (take it from the data)"
         )
-    val_episodes = sample_episodes(val_split.labels, cfg.val.n_way, cfg.val.n_shot, cfg.val.n_query,
-                                   cfg.val.n_episodes, cfg.val.episode_seed, val_split.class_names,
-                                   where="val split")
+    val_episodes = sample_episodes(
+        val_split.labels,
+        cfg.val.n_way,
+        cfg.val.n_shot,
+        cfg.val.n_query,
+        cfg.val.n_episodes,
+        cfg.val.episode_seed,
+        val_split.class_names,
+        where="val split",
+    )
 
     model = build_model(cfg, num_classes).to(device)
     precision, autocast_dtype = resolve_precision(cfg, device)
@@ -195,15 +234,19 @@ def run(
         per_process, base_lr = cfg.train.batch_size, cfg.train.lr * world
     else:
         if cfg.train.batch_size % world:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} does not split over {world} "
-                              "processes; use a multiple or train.ddp_scaling='linear'")
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} does not split over {world} "
+                "processes; use a multiple or train.ddp_scaling='linear'"
+            )
         per_process, base_lr = cfg.train.batch_size // world, cfg.train.lr
-    optimizer = torch.optim.SGD(model.parameters(), lr=base_lr, momentum=cfg.train.momentum,
-                                weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=base_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
     trainee: nn.Module = Trainee(model, autocast_dtype)
     if world > 1:
         trainee = nn.parallel.DistributedDataParallel(
-            trainee, device_ids=[device.index] if device.type == "cuda" else None)
+            trainee, device_ids=[device.index] if device.type == "cuda" else None
+        )
     loader = TrainLoader(train_split, cfg, per_process, device, rank, world, channels_last)
     iters = len(loader)
 
@@ -244,20 +287,38 @@ def run(
 
     if main:
         dump_config(cfg, work_dir / f"{cfg.name}.py")
-        log.info(f"work dir {work_dir}; device {device} × {world}; precision {precision}; "
-                 f"channels_last {channels_last}; {num_classes} head classes; "
-                 f"{iters} iterations/epoch of {per_process} images per process")
+        log.info(
+            f"work dir {work_dir}; device {device} × {world}; precision {precision}; "
+            f"channels_last {channels_last}; {num_classes} head classes; "
+            f"{iters} iterations/epoch of {per_process} images per process"
+        )
     t_start = time.time()
-    epoch_bar = tqdm(range(start_epoch, cfg.train.epochs), desc="epochs", unit="epoch",
-                     initial=start_epoch, total=cfg.train.epochs, disable=not show, dynamic_ncols=True)
+    epoch_bar = tqdm(
+        range(start_epoch, cfg.train.epochs),
+        desc="epochs",
+        unit="epoch",
+        initial=start_epoch,
+        total=cfg.train.epochs,
+        disable=not show,
+        dynamic_ncols=True,
+    )
     with StopRequest() as stop:
         for epoch in epoch_bar:
             trainee.train()
             meters = {"loss": 0.0, "acc": 0.0, "time": 0.0, "data": 0.0, "n": 0}
             t_last = time.perf_counter()
-            bar = tqdm(total=iters, initial=start_iter, desc=f"epoch {epoch + 1}", unit="it",
-                       leave=False, disable=not show, dynamic_ncols=True)
-            for it, (images, labels, data_time) in enumerate(loader.epoch(epoch, start_iter), start=start_iter):
+            bar = tqdm(
+                total=iters,
+                initial=start_iter,
+                desc=f"epoch {epoch + 1}",
+                unit="it",
+                leave=False,
+                disable=not show,
+                dynamic_ncols=True,
+            )
+            for it, (images, labels, data_time) in enumerate(
+                loader.epoch(epoch, start_iter), start=start_iter
+            ):
                 global_it = epoch * iters + it
                 lr = lr_at(cfg.train, global_it, epoch, base_lr)
                 for group in optimizer.param_groups:
@@ -285,20 +346,32 @@ def run(
                 bar.update(1)
                 if (it + 1) % cfg.train.log_interval == 0 or it + 1 == iters:
                     n = meters["n"]
-                    record = {"mode": "train", "epoch": epoch + 1, "iter": it + 1, "global_iter": global_it + 1,
-                              "lr": lr, "loss": meters["loss"] / n, "accuracy": meters["acc"] / n,
-                              "time": meters["time"] / n, "data_time": meters["data"] / n}
+                    record = {
+                        "mode": "train",
+                        "epoch": epoch + 1,
+                        "iter": it + 1,
+                        "global_iter": global_it + 1,
+                        "lr": lr,
+                        "loss": meters["loss"] / n,
+                        "accuracy": meters["acc"] / n,
+                        "time": meters["time"] / n,
+                        "data_time": meters["data"] / n,
+                    }
                     log.record(**record)
-                    log.info(f"Epoch [{epoch + 1}][{it + 1}/{iters}]  lr: {lr:.4e}, "
-                             f"time: {record['time']:.3f}, data_time: {record['data_time']:.3f}, "
-                             f"loss: {record['loss']:.4f}, accuracy: {record['accuracy']:.2f}")
+                    log.info(
+                        f"Epoch [{epoch + 1}][{it + 1}/{iters}]  lr: {lr:.4e}, "
+                        f"time: {record['time']:.3f}, data_time: {record['data_time']:.3f}, "
+                        f"loss: {record['loss']:.4f}, accuracy: {record['accuracy']:.2f}"
+                    )
                     meters = {"loss": 0.0, "acc": 0.0, "time": 0.0, "data": 0.0, "n": 0}
                 if stop.requested(device):
                     bar.close()
                     if main:
                         save_checkpoint(work_dir / "latest.pth", checkpoint(epoch, it + 1))
-                    msg = (f"stopped by signal at epoch {epoch + 1}, iteration {it + 1}; wrote "
-                           f"{work_dir / 'latest.pth'}. Resume with the same command plus --auto-resume")
+                    msg = (
+                        f"stopped by signal at epoch {epoch + 1}, iteration {it + 1}; wrote "
+                        f"{work_dir / 'latest.pth'}. Resume with the same command plus --auto-resume"
+                    )
                     log.info(msg)
                     dist.shutdown()
                     raise SystemExit(msg)
@@ -307,16 +380,27 @@ def run(
 
             last_epoch = epoch + 1 == cfg.train.epochs
             if (epoch + 1) % cfg.val.interval == 0 or last_epoch:
-                result = validate(model, val_split, cfg, device, val_episodes, autocast_dtype,
-                                  channels_last, show)
+                result = validate(
+                    model, val_split, cfg, device, val_episodes, autocast_dtype, channels_last, show
+                )
                 improved = best is None or result.mean > best
                 if improved:
                     best, best_epoch = result.mean, epoch + 1
-                history.append({"epoch": epoch + 1, "accuracy_mean": result.mean, "accuracy_ci95": result.ci95})
-                log.record(mode="val", epoch=epoch + 1, iter=(epoch + 1) * iters,
-                           accuracy_mean=result.mean, accuracy_ci95=result.ci95, best=best)
-                log.info(f"Epoch(val) [{epoch + 1}]  {result.line()}"
-                         + ("  (best so far)" if improved else f"  (best {best:.2f} at epoch {best_epoch})"))
+                history.append(
+                    {"epoch": epoch + 1, "accuracy_mean": result.mean, "accuracy_ci95": result.ci95}
+                )
+                log.record(
+                    mode="val",
+                    epoch=epoch + 1,
+                    iter=(epoch + 1) * iters,
+                    accuracy_mean=result.mean,
+                    accuracy_ci95=result.ci95,
+                    best=best,
+                )
+                log.info(
+                    f"Epoch(val) [{epoch + 1}]  {result.line()}"
+                    + ("  (best so far)" if improved else f"  (best {best:.2f} at epoch {best_epoch})")
+                )
                 if improved and main:
                     save_checkpoint(work_dir / "best_accuracy_mean.pth", checkpoint(epoch + 1, 0))
             if main and ((epoch + 1) % cfg.train.checkpoint_interval == 0 or last_epoch):
@@ -324,8 +408,10 @@ def run(
             if main:
                 save_checkpoint(work_dir / "latest.pth", checkpoint(epoch + 1, 0))
             if stop.requested(device):
-                msg = (f"stopped by signal after epoch {epoch + 1}; resume with the same command "
-                       "plus --auto-resume")
+                msg = (
+                    f"stopped by signal after epoch {epoch + 1}; resume with the same command "
+                    "plus --auto-resume"
+                )
                 log.info(msg)
                 dist.shutdown()
                 raise SystemExit(msg)
@@ -339,8 +425,10 @@ def run(
         "history": history,
     }
     if main and best is not None:
-        log.info(f"done: best val accuracy {best:.2f} at epoch {best_epoch}; "
-                 f"checkpoint {work_dir / 'best_accuracy_mean.pth'}")
+        log.info(
+            f"done: best val accuracy {best:.2f} at epoch {best_epoch}; "
+            f"checkpoint {work_dir / 'best_accuracy_mean.pth'}"
+        )
     dist.barrier()
     return summary
 

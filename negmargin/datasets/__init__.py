@@ -55,7 +55,9 @@ def cache_dir_for(cfg) -> Path:
     return default_cache_dir(Path(cfg.data.root), cfg.data.dataset)
 
 
-def load_split(cfg, split: str, progress: bool = True, log: Callable[[str], None] | None = None) -> PackedSplit:
+def load_split(
+    cfg, split: str, progress: bool = True, log: Callable[[str], None] | None = None
+) -> PackedSplit:
     """Read ``split`` of the configured dataset through its packed cache."""
     source = read_source(cfg, split)
     packed = prepare(

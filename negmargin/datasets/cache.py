@@ -189,11 +189,16 @@ def prepare(
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DataError(f"cannot create the cache folder '{folder.parent}' ({exc.strerror}); "
-                        "set data.cache_dir to a writable folder") from None
+        raise DataError(
+            f"cannot create the cache folder '{folder.parent}' ({exc.strerror}); "
+            "set data.cache_dir to a writable folder"
+        ) from None
     side = policy.short or 256
-    check_free_space(folder.parent, len(source) * side * side * policy.channels * 4 // 3,
-                     f"the image cache of {source.dataset}/{source.split}")
+    check_free_space(
+        folder.parent,
+        len(source) * side * side * policy.channels * 4 // 3,
+        f"the image cache of {source.dataset}/{source.split}",
+    )
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -206,20 +211,26 @@ def prepare(
                 f"(set data.skip_bad_images=True or pass --skip-bad-images to skip them):\n  {listing}"
             )
         if bad:
-            print(f"skipped {len(bad)} unreadable image(s) of {source.dataset}/{source.split}",
-                  file=sys.stderr)
+            print(
+                f"skipped {len(bad)} unreadable image(s) of {source.dataset}/{source.split}", file=sys.stderr
+            )
         labels = source.labels[keep]
         np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64).reshape(-1, 4))
         np.save(tmp / "labels.npy", labels)
         present = np.bincount(labels, minlength=len(source.class_names))
         if (present == 0).any():
             empty = [source.class_names[i] for i in np.flatnonzero(present == 0)]
-            raise DataError(f"class(es) {', '.join(empty[:10])} of {source.dataset}/{source.split} "
-                            "have no readable image left")
-        (tmp / "meta.json").write_text(json.dumps(
-            {"class_names": source.class_names, "metadata": source.metadata}, ensure_ascii=False))
-        atomic_write_text(tmp / "manifest.json", json.dumps(
-            _manifest(source, policy, len(labels), bad[:1000]), indent=1, ensure_ascii=False))
+            raise DataError(
+                f"class(es) {', '.join(empty[:10])} of {source.dataset}/{source.split} "
+                "have no readable image left"
+            )
+        (tmp / "meta.json").write_text(
+            json.dumps({"class_names": source.class_names, "metadata": source.metadata}, ensure_ascii=False)
+        )
+        atomic_write_text(
+            tmp / "manifest.json",
+            json.dumps(_manifest(source, policy, len(labels), bad[:1000]), indent=1, ensure_ascii=False),
+        )
         if folder.exists():
             stale = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, stale)
@@ -228,8 +239,9 @@ def prepare(
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == 28:
-            raise DiskFullError(f"disk full while preparing the cache in '{folder.parent}'; free "
-                                "space or set data.cache_dir") from None
+            raise DiskFullError(
+                f"disk full while preparing the cache in '{folder.parent}'; free space or set data.cache_dir"
+            ) from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -257,8 +269,13 @@ def _write_images(source, policy, out_path, workers, progress):
     keep: list[int] = []
     bad: list[str] = []
     offset = 0
-    bar = tqdm(total=n, desc=f"prepare {source.dataset}/{source.split}", unit="img",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=n,
+        desc=f"prepare {source.dataset}/{source.split}",
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     with open(out_path, "wb") as out:
 
         def consume(start: int, results: list[np.ndarray | str]) -> None:

@@ -107,18 +107,28 @@ def draw_image(recipe: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -
     _draw_shape(draw, recipe["shape"], cx, cy, big * recipe["size"] * scale, rot, fg, width, recipe)
     if recipe["second"]:
         off = np.array(recipe["offset2"]) * big
-        c, s = math.cos(math.radians(rot - recipe["rotation"])), math.sin(math.radians(rot - recipe["rotation"]))
+        c, s = (
+            math.cos(math.radians(rot - recipe["rotation"])),
+            math.sin(math.radians(rot - recipe["rotation"])),
+        )
         ox, oy = c * off[0] - s * off[1], s * off[0] + c * off[1]
         fg2 = np.clip(recipe["fg2"] + rng.normal(0, 18, 3), 0, 255)
-        _draw_shape(draw, recipe["shape2"], cx + ox, cy + oy, big * recipe["size2"] * scale, rot, fg2,
-                    width, recipe)
+        _draw_shape(
+            draw, recipe["shape2"], cx + ox, cy + oy, big * recipe["size2"] * scale, rot, fg2, width, recipe
+        )
     small = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float64)
     small += rng.normal(0, 6, small.shape)
     return np.clip(small, 0, 255).astype(np.uint8)
 
 
-def generate(root: str | Path, n_classes: int = N_CLASSES, n_images: int = N_IMAGES,
-             split_sizes: tuple[int, int, int] = SPLIT_SIZES, seed: int = 0, progress: bool = True) -> Path:
+def generate(
+    root: str | Path,
+    n_classes: int = N_CLASSES,
+    n_images: int = N_IMAGES,
+    split_sizes: tuple[int, int, int] = SPLIT_SIZES,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
     """Write the demo dataset under ``root`` (skipped if a complete copy is there)."""
     root = Path(root)
     stamp = root / "DEMO_VERSION"

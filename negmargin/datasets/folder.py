@@ -66,9 +66,7 @@ def resolve_splits(root: Path, options: dict) -> tuple[dict[str, list[str]], str
         for s, listed in splits.items():
             unknown = [n for n in listed if n not in names]
             if unknown:
-                raise DataError(
-                    f"class '{unknown[0]}' of {split_files[s]} has no folder in '{root}'"
-                )
+                raise DataError(f"class '{unknown[0]}' of {split_files[s]} has no folder in '{root}'")
     else:
         fractions = tuple(options.get("split_fractions", (0.6, 0.2, 0.2)))
         seed = int(options.get("split_seed", 0))
@@ -82,7 +80,9 @@ def read_folder(root: str | Path, split: str, **options) -> SplitSource:
     allowed = {"split_files", "split_fractions", "split_seed"}
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise DataError(f"unknown data.options key(s) {unknown} for the folder reader; valid: {sorted(allowed)}")
+        raise DataError(
+            f"unknown data.options key(s) {unknown} for the folder reader; valid: {sorted(allowed)}"
+        )
     root = Path(root)
     require_dir(root, "dataset root", HOW)
     splits, how = resolve_splits(root, options)

@@ -80,8 +80,11 @@ def read_mini_imagenet(root: str | Path, split: str, **options) -> SplitSource:
     rows = read_csv(root / f"{split}.csv")
     if not rows:
         raise DataError(f"'{root / f'{split}.csv'}' lists no images")
-    others = {s: [w for _, w in read_csv(root / f"{s}.csv")] for s in ("train", "val", "test")
-              if (root / f"{s}.csv").is_file()}
+    others = {
+        s: [w for _, w in read_csv(root / f"{s}.csv")]
+        for s in ("train", "val", "test")
+        if (root / f"{s}.csv").is_file()
+    }
     check_disjoint({s: sorted(set(v)) for s, v in others.items()})
     class_names = list(dict.fromkeys(w for _, w in rows))  # csv order
     wnids = set(class_names)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Meta-test a checkpoint on 2000 5-way episodes (mean accuracy and 95% CI).
 
-    python tools/classification/test.py CONFIG CHECKPOINT [--shots 1 5] [--show-task-results]
+python tools/classification/test.py CONFIG CHECKPOINT [--shots 1 5] [--show-task-results]
 """
 
 import sys

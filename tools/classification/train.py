@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Base-train a Neg-Margin model.
 
-    python tools/classification/train.py CONFIG [--work-dir DIR] [--auto-resume] [--cfg-options k=v ...]
-    torchrun --nproc_per_node=N tools/classification/train.py CONFIG --launcher pytorch
+python tools/classification/train.py CONFIG [--work-dir DIR] [--auto-resume] [--cfg-options k=v ...]
+torchrun --nproc_per_node=N tools/classification/train.py CONFIG --launcher pytorch
 """
 
 import sys
