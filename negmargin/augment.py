@@ -14,9 +14,10 @@ device. The distributions are the reference's (mmcls 0.25):
   black / the rounded mean grey level / the greyscale image (PIL ImageEnhance).
 * Normalise with mean/std on the 0-255 scale.
 
-Known difference from the reference: mmcv truncates to uint8 after each jitter
-op; here the jitter stays in float (no quantisation), which differs by less than
-one grey level per op.
+Like the reference (mmcv casts each op's float result back to uint8, and so does
+PIL), every blend is truncated to whole grey levels before the next one, which
+darkens by about half a level per op; the resize result is rounded, as cv2/PIL
+return uint8.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
         mean = torch.round(g.mean(dim=(1, 2, 3), keepdim=True))
         op = op.view(batch, 1, 1, 1)
         degenerate = torch.where(op == 0, zero, torch.where(op == 1, mean, g))
-        x = torch.clamp(f * x + (1 - f) * degenerate, 0, 255)
+        x = torch.clamp(f * x + (1 - f) * degenerate, 0, 255).floor_()  # uint8 cast, as the reference
     return x
 
 
@@ -167,21 +168,21 @@ def train_batch(
     return normalize(x, mean, std)
 
 
-def test_crop_box(height: int, width: int, resize_short: int, size: int) -> tuple[int, int, int, int]:
+def eval_crop_box(height: int, width: int, resize_short: int, size: int) -> tuple[int, int, int, int]:
     """Output size after the short-side resize and the centre-crop offset inside it."""
     out_h, out_w = resize_short_side(height, width, resize_short)
     # mmcls CenterCrop: offset = round((side - crop) / 2), Python's half-to-even round.
     return out_h, out_w, int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
 
 
-def test_batch(images: Tensor, resize_short: int, size: int, mode: str, mean, std) -> Tensor:
+def eval_transform_batch(images: Tensor, resize_short: int, size: int, mode: str, mean, std) -> Tensor:
     """Test transform for a batch of equally sized images (B, H, W, C) uint8.
 
     Resize the short side to ``resize_short`` (skipped when it already is),
     centre-crop ``size``, normalise → (B, C, size, size) float32.
     """
     batch, height, width = images.shape[:3]
-    out_h, out_w, top, left = test_crop_box(height, width, resize_short, size)
+    out_h, out_w, top, left = eval_crop_box(height, width, resize_short, size)
     if (out_h, out_w) == (height, width):
         x = images[:, top : top + size, left : left + size].permute(0, 3, 1, 2).to(torch.float32)
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import UserError
+from .faults import kill_point
 
 # Refuse to start a write that would leave less than this free on the device.
 MIN_FREE_BYTES = 16 * 2**20
@@ -49,6 +50,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        kill_point(f"write:{path.name}")
         os.replace(tmp, path)
     except OSError as exc:
         _discard(tmp)

@@ -33,7 +33,7 @@ from torch import Tensor
 from .augment import normalize, sample_params, train_batch
 from .config import Config
 from .datasets import PackedSplit
-from .metatest import test_view
+from .metatest import eval_view
 
 
 class EpochSampler:
@@ -89,7 +89,7 @@ class TrainLoader:
         if not cfg.augment.enabled:
             batch = np.stack(
                 [
-                    test_view(
+                    eval_view(
                         self.packed.image(i), cfg.test_resize, cfg.data.image_size, cfg.augment.interpolation
                     )
                     for i in idx

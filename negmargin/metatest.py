@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from . import distributed as dist
-from .augment import normalize, test_crop_box
+from .augment import eval_crop_box, normalize
 from .config import Config, EvalConfig, FinetuneConfig, eval_steps
 from .datasets import PackedSplit
 from .episodes import sample_episodes
@@ -182,10 +182,10 @@ def meta_test(
 # --------------------------------------------------------------------------- features
 
 
-def test_view(image: np.ndarray, resize_short: int, size: int, mode: str) -> np.ndarray:
+def eval_view(image: np.ndarray, resize_short: int, size: int, mode: str) -> np.ndarray:
     """The test transform's pixels for one stored image: resize short side, centre crop."""
     h, w = image.shape[:2]
-    out_h, out_w, top, left = test_crop_box(h, w, resize_short, size)
+    out_h, out_w, top, left = eval_crop_box(h, w, resize_short, size)
     if (out_h, out_w) != (h, w):
         image = resize_array(image, out_h, out_w, mode)
     return image[top : top + size, left : left + size]
@@ -196,7 +196,7 @@ def image_batches(packed: PackedSplit, cfg: Config, batch_size: int):
     size, short, mode = cfg.data.image_size, cfg.test_resize, cfg.augment.interpolation
     for start in range(0, len(packed), batch_size):
         stop = min(start + batch_size, len(packed))
-        yield np.stack([test_view(packed.image(i), short, size, mode) for i in range(start, stop)])
+        yield np.stack([eval_view(packed.image(i), short, size, mode) for i in range(start, stop)])
 
 
 def to_input(batch: np.ndarray, cfg: Config, device: torch.device, channels_last: bool = False) -> Tensor:

@@ -31,6 +31,7 @@ from .config import Config, dump_config
 from .datasets import load_split
 from .episodes import sample_episodes
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .faults import kill_point
 from .fileio import ensure_writable_dir
 from .heads import FewShotModel, build_model
 from .loader import TrainLoader
@@ -129,6 +130,7 @@ def validate(
         progress=progress,
         desc="val features",
     )
+    kill_point("val")
     settings = settings_for(cfg.val, cfg.finetune)
     ids = torch.arange(len(episodes))
     rank, world = dist.rank(), dist.world_size()
@@ -336,6 +338,7 @@ def run(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                kill_point(f"iter:{global_it + 1}")
                 now = time.perf_counter()
                 meters["loss"] += loss_value
                 meters["acc"] += float((sims.argmax(1) == labels).float().mean()) * 100

@@ -5,9 +5,10 @@
 checks or dots at a class-specific angle, frequency and palette) and one or two
 filled shapes (a polygon with class-specific vertex radii, a star, a ring, a
 cross or an ellipse) of class-specific colours and layout. Every image redraws
-the recipe with its own rotation (±25°), scale (0.75–1.2), position, colour
-shifts, stroke width, texture phase and pixel noise, so there is real
-within-class variation and novel classes share no recipe with base classes.
+the recipe with its own rotation (±40°), scale (0.7–1.25), position, colour
+shifts, stroke width, texture angle/frequency/phase, a random clutter shape
+(half of the images) and pixel noise, so there is real within-class variation,
+and novel classes share no recipe with base classes.
 
 Written as ``<root>/<class>/<i>.png`` plus ``train.txt``, ``val.txt``,
 ``test.txt``; read with the folder reader.
@@ -27,7 +28,7 @@ N_CLASSES = 120
 N_IMAGES = 60
 SPLIT_SIZES = (72, 18, 30)
 IMAGE_SIZE = 48
-VERSION = "demo-v1"
+VERSION = "demo-v2"
 
 
 def _recipe(rng: np.random.Generator) -> dict:
@@ -82,8 +83,8 @@ def draw_image(recipe: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -
     """One instance of a class recipe: (size, size, 3) uint8."""
     big = size * 3  # drawn large, then reduced: smooth edges
     yy, xx = np.mgrid[0:big, 0:big].astype(np.float64) / 3
-    a = recipe["angle"] + rng.normal(0, 0.12)
-    f = recipe["freq"] * rng.uniform(0.85, 1.15)
+    a = recipe["angle"] + rng.normal(0, 0.2)
+    f = recipe["freq"] * rng.uniform(0.75, 1.3)
     phase = rng.uniform(0, 2 * math.pi)
     u = xx * math.cos(a) + yy * math.sin(a)
     v = -xx * math.sin(a) + yy * math.cos(a)
@@ -93,17 +94,33 @@ def draw_image(recipe: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -
         t = ((np.floor(f * u + phase) + np.floor(f * v)) % 2).astype(np.float64)
     else:
         t = (np.sin(2 * math.pi * f * u + phase) * np.sin(2 * math.pi * f * v) > 0.35).astype(np.float64)
-    shift = rng.normal(0, 14, 3)
-    bg = np.clip(recipe["bg"] + shift, 0, 255)
-    bg2 = np.clip(recipe["bg2"] + shift, 0, 255)
+    shift = rng.normal(0, 30, 3)
+    bg = np.clip(recipe["bg"] + shift + rng.normal(0, 15, 3), 0, 255)
+    bg2 = np.clip(recipe["bg2"] + shift + rng.normal(0, 15, 3), 0, 255)
+    if rng.random() < 0.3:
+        bg, bg2 = bg2, bg
     canvas = bg[None, None] * (1 - t[..., None]) + bg2[None, None] * t[..., None]
     img = Image.fromarray(canvas.astype(np.uint8))
     draw = ImageDraw.Draw(img)
-    scale = rng.uniform(0.75, 1.2)
-    cx, cy = big / 2 + rng.normal(0, big * 0.06, 2)
-    rot = recipe["rotation"] + rng.uniform(-25, 25)
+    if rng.random() < 0.5:  # clutter: a random shape of a random colour somewhere
+        kind = int(rng.integers(0, 5))
+        x0, y0 = rng.uniform(0.1, 0.9, 2) * big
+        _draw_shape(
+            draw,
+            kind,
+            x0,
+            y0,
+            big * rng.uniform(0.06, 0.14),
+            rng.uniform(0, 360),
+            rng.integers(0, 256, 3),
+            2.0,
+            _recipe(rng),
+        )
+    scale = rng.uniform(0.7, 1.25)
+    cx, cy = big / 2 + rng.normal(0, big * 0.07, 2)
+    rot = recipe["rotation"] + rng.uniform(-40, 40)
     width = rng.uniform(1.5, 3.5)
-    fg = np.clip(recipe["fg"] + rng.normal(0, 18, 3), 0, 255)
+    fg = np.clip(recipe["fg"] + rng.normal(0, 30, 3), 0, 255)
     _draw_shape(draw, recipe["shape"], cx, cy, big * recipe["size"] * scale, rot, fg, width, recipe)
     if recipe["second"]:
         off = np.array(recipe["offset2"]) * big
@@ -112,12 +129,12 @@ def draw_image(recipe: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -
             math.sin(math.radians(rot - recipe["rotation"])),
         )
         ox, oy = c * off[0] - s * off[1], s * off[0] + c * off[1]
-        fg2 = np.clip(recipe["fg2"] + rng.normal(0, 18, 3), 0, 255)
+        fg2 = np.clip(recipe["fg2"] + rng.normal(0, 30, 3), 0, 255)
         _draw_shape(
             draw, recipe["shape2"], cx + ox, cy + oy, big * recipe["size2"] * scale, rot, fg2, width, recipe
         )
     small = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float64)
-    small += rng.normal(0, 6, small.shape)
+    small += rng.normal(0, 10, small.shape)
     return np.clip(small, 0, 255).astype(np.uint8)
 
 

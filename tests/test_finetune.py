@@ -1,0 +1,156 @@
+"""The batched small-basis fine-tune against a plain one-episode reference."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from negmargin.config import EvalConfig, FinetuneConfig
+from negmargin.episodes import sample_episodes
+from negmargin.errors import DataError
+from negmargin.finetune import (
+    FinetuneSettings,
+    compute_grams,
+    episode_randomness,
+    finetune,
+    query_scores,
+    step_positions,
+)
+from negmargin.metatest import MetaTestResult, meta_test, run_episodes
+
+
+class CosineHead(nn.Module):
+    def __init__(self, weight: torch.Tensor, temperature: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight.clone())
+        self.temperature = temperature
+
+    def forward(self, x):
+        return self.temperature * F.linear(F.normalize(x), F.normalize(self.weight))
+
+
+def reference_episode(support, labels, query, init, order, s: FinetuneSettings):
+    """One episode the simple way: nn.Module head, torch.optim.SGD, mini-batches of 4."""
+    head = CosineHead(init, s.temperature)
+    opt = torch.optim.SGD(
+        head.parameters(), lr=s.lr, momentum=s.momentum, dampening=s.dampening, weight_decay=s.weight_decay
+    )
+    n = len(support)
+    per_pass = -(-n // s.batch_size)
+    for t in range(s.steps):
+        p, k = divmod(t, per_pass)
+        pos = order[p, k * s.batch_size : (k + 1) * s.batch_size]
+        loss = F.cross_entropy(head(support[pos]), labels[pos])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return head.weight.detach(), head(query).argmax(1)
+
+
+@pytest.mark.parametrize(("dim", "shot"), [(1600, 1), (1600, 5), (640, 1), (640, 5)])
+def test_batched_engine_matches_reference(dim, shot):
+    torch.manual_seed(dim + shot)
+    E, K, q = 6, 5, 75
+    s = FinetuneSettings(steps=150 if shot == 1 else 600)
+    n = K * shot
+    feats = torch.relu(torch.randn(E, n + q, dim))
+    support, query = feats[:, :n], feats[:, n:]
+    labels = torch.arange(K).repeat_interleave(shot).expand(E, n)
+    init, orders = episode_randomness(torch.arange(E), K, dim, n, s)
+    grams = compute_grams(support, init, query)
+    head = finetune(grams, labels, orders, s)
+    weights = head.weights(support, init).float()
+    preds = query_scores(grams, head).argmax(-1)
+    for e in range(E):
+        ref_w, ref_pred = reference_episode(support[e], labels[e], query[e], init[e], orders[e], s)
+        assert (ref_w - weights[e]).abs().max().item() <= 1e-4
+        assert torch.equal(ref_pred, preds[e])
+        assert (ref_w - init[e]).abs().max() > 1e-3  # the head really moved
+
+
+def test_uneven_shots_match_reference():
+    torch.manual_seed(7)
+    s = FinetuneSettings(steps=200)
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 1, 0, 2])
+    support, query = torch.randn(9, 64), torch.randn(12, 64)
+    init, orders = episode_randomness([3], 3, 64, 9, s)
+    grams = compute_grams(support[None], init, query[None])
+    head = finetune(grams, labels[None], orders, s)
+    ref_w, ref_pred = reference_episode(support, labels, query, init[0], orders[0], s)
+    assert (ref_w - head.weights(support[None], init)[0].float()).abs().max() <= 1e-4
+    assert torch.equal(ref_pred, query_scores(grams, head)[0].argmax(-1))
+
+
+def test_batch_orders_keep_the_last_partial_batch_and_reshuffle():
+    s = FinetuneSettings(steps=150)
+    _, orders = episode_randomness([0], 5, 8, 5, s)  # 1-shot: batches of 4 then 1
+    sizes = [step_positions(orders, t, 4).shape[1] for t in range(6)]
+    assert sizes == [4, 1, 4, 1, 4, 1]
+    assert orders.shape[1] == 75 and all(sorted(row.tolist()) == list(range(5)) for row in orders[0])
+    assert len({tuple(r.tolist()) for r in orders[0]}) > 10  # reshuffled every pass
+    _, orders5 = episode_randomness([0], 5, 8, 25, FinetuneSettings(steps=600))
+    assert [step_positions(orders5, t, 4).shape[1] for t in range(7)] == [4] * 6 + [1]
+
+
+def test_init_is_kaiming_uniform_and_per_episode():
+    s = FinetuneSettings()
+    a, _ = episode_randomness([0, 1, 2], 5, 1600, 5, s)
+    b, _ = episode_randomness([2, 0], 5, 1600, 5, s)
+    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+    assert a.abs().max() <= 1 / 40 and a.abs().max() > 0.99 / 40  # uniform(±1/√1600)
+
+
+def test_episodes_are_fixed_and_well_formed():
+    labels = np.repeat(np.arange(12), 20)
+    ep = sample_episodes(labels, 5, 1, 15, 50, seed=0)
+    assert ep.shape == (50, 5, 16)
+    assert torch.equal(ep, sample_episodes(labels, 5, 1, 15, 50, seed=0))
+    assert not torch.equal(ep, sample_episodes(labels, 5, 1, 15, 50, seed=1))
+    for e in ep:
+        classes = labels[e.numpy()]
+        assert (classes == classes[:, :1]).all()  # one class per way
+        assert len(set(classes[:, 0])) == 5  # five different classes
+        assert all(len(set(row.tolist())) == 16 for row in e)  # without replacement
+    # Fixed values: the same episodes on every machine (PCG64 stream).
+    assert ep[0, 0, :3].tolist() == sample_episodes(labels, 5, 1, 15, 1, seed=0)[0, 0, :3].tolist()
+
+
+def test_too_few_images_or_classes_reported_before_drawing():
+    labels = np.array([0] * 20 + [1] * 20 + [2] * 10)
+    with pytest.raises(DataError, match=r"n_way=5 but the split has only 3 classes"):
+        sample_episodes(labels, 5, 1, 15, 10)
+    with pytest.raises(DataError, match=r"fewer than n_shot \+ n_query = 16 images: c \(10\)"):
+        sample_episodes(labels, 3, 1, 15, 10, class_names=["a", "b", "c"])
+
+
+def test_chunking_and_splitting_do_not_change_results():
+    torch.manual_seed(0)
+    labels = np.repeat(np.arange(10), 25)
+    feats = torch.randn(len(labels), 32) + torch.randn(10, 32).repeat_interleave(25, 0)
+    ep = sample_episodes(labels, 5, 1, 15, 40, seed=0)
+    s = FinetuneSettings(steps=60)
+    full = run_episodes(feats, ep, torch.arange(40), 1, s, chunk_size=40)
+    chunked = run_episodes(feats, ep, torch.arange(40), 1, s, chunk_size=7)
+    odd = run_episodes(feats, ep[1::2], torch.arange(40)[1::2], 1, s, chunk_size=5)
+    assert np.array_equal(full, chunked) and np.array_equal(full[1::2], odd)
+    assert full.mean() > 50  # clustered features are easy
+
+
+def test_ci_is_1_96_std_over_sqrt_n():
+    acc = np.array([60.0, 80.0, 100.0, 40.0])
+    r = MetaTestResult(acc, 5, 1, 15, 150)
+    assert r.mean == 70.0 and r.ci95 == pytest.approx(1.96 * np.std(acc) / 2)
+
+
+def test_meta_test_api_end_to_end():
+    torch.manual_seed(0)
+    labels = np.repeat(np.arange(8), 20)
+    feats = torch.randn(len(labels), 64) * 0.5 + torch.randn(8, 64).repeat_interleave(20, 0)
+    res = meta_test(feats, labels, EvalConfig(n_episodes=30, n_query=10), FinetuneConfig(), progress=False)
+    assert res.steps == 150 and len(res.accuracies) == 30 and res.mean > 80
+    five = meta_test(
+        feats, labels, EvalConfig(n_episodes=30, n_query=10, n_shot=5), FinetuneConfig(), progress=False
+    )
+    assert five.steps == 600 and five.mean >= res.mean - 1
