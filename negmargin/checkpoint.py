@@ -89,13 +89,18 @@ def _read(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        lines = str(exc).splitlines()
+        offending = next((ln.strip() for ln in lines if "GLOBAL" in ln), None)
+        if offending is None:  # not a pickle at all, or a damaged one
+            raise CheckpointError(
+                f"'{path}' is not a readable PyTorch checkpoint (corrupt, truncated or another kind of file)"
+            ) from None
         raise CheckpointError(
             f"refusing to load '{path}': it contains objects other than tensors and plain data, "
-            f"which could run code when unpickled ({first[:160]}); only load files you trust, "
+            f"which could run code when unpickled ({offending[:160]}); only load files you trust, "
             "and save them with plain state dicts"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as exc:
         raise CheckpointError(
             f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {str(exc)[:160]}"
         ) from None

@@ -18,14 +18,19 @@ from .errors import NonFiniteLossError, UserError
 
 
 def _guard(fn: Callable[[], int | None]) -> int:
+    from . import distributed as dist
+
     try:
         return int(fn() or 0)
     except (UserError, NonFiniteLossError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        rank = f"[rank {dist.rank()}] " if dist.world_size() > 1 else ""
+        print(f"error: {rank}{exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.shutdown()
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +88,9 @@ def train_main(argv: list[str] | None = None) -> int:
         summary = run(
             cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume, progress=not args.quiet
         )
-        if summary.get("best_accuracy_mean") is not None:
+        from . import distributed as dist
+
+        if summary.get("best_accuracy_mean") is not None and dist.is_main():
             print(
                 f"best val accuracy_mean {summary['best_accuracy_mean']:.2f} (epoch {summary['best_epoch']}); "
                 f"checkpoint: {summary['best_checkpoint']}"

@@ -4,7 +4,9 @@
 time (default: the 1st) it reaches ``<point>``. Points: ``iter:<global iteration>``
 (after an optimizer step), ``val`` (inside a validation, after its features are
 extracted), ``write:<file name>`` (a checkpoint or result file fully written to
-its temporary name, not yet renamed over the old one). Unset, this is a no-op.
+its temporary name, not yet renamed over the old one). With
+``NEGMARGIN_KILL_RANK=r`` only the process of that torchrun rank is killed.
+Unset, this is a no-op.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ def kill_point(point: str) -> None:
         return
     target, _, nth = spec.partition("@")
     if point != target:
+        return
+    only = os.environ.get("NEGMARGIN_KILL_RANK")
+    if only is not None and only != os.environ.get("RANK", "0"):
         return
     _seen[point] += 1
     if _seen[point] == int(nth or 1):
