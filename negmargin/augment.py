@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .config import AugmentConfig
-from .resample import crop_resize, resize_short_side
+from .resample import crop_resize, crop_resize_each, resize_short_side
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL "L" and cv2
 
@@ -117,15 +117,14 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
         order: (B, 3) int permutation: op applied at each of the 3 steps.
     """
     batch = x.shape[0]
-    zero = x.new_zeros(())
     for step in range(3):
-        op = order[:, step]
-        f = factors.gather(1, op[:, None]).view(batch, 1, 1, 1).to(x.dtype)
+        op = order[:, step].view(batch, 1, 1, 1)
+        f = factors.gather(1, order[:, step : step + 1]).view(batch, 1, 1, 1).to(x.dtype)
         g = grey(x)
         mean = torch.round(g.mean(dim=(1, 2, 3), keepdim=True))
-        op = op.view(batch, 1, 1, 1)
-        degenerate = torch.where(op == 0, zero, torch.where(op == 1, mean, g))
-        x = torch.clamp(f * x + (1 - f) * degenerate, 0, 255).floor_()  # uint8 cast, as the reference
+        # degenerate = 0 (brightness), mean grey (contrast) or the grey image (saturation)
+        degenerate = g * (op == 2).to(x.dtype) + mean * (op == 1).to(x.dtype)
+        x = x.mul(f).add_(degenerate.mul_(1 - f)).clamp_(0, 255).floor_()  # uint8 cast, as mmcv
     return x
 
 
@@ -144,6 +143,7 @@ def train_batch(
     size: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
+    per_sample: bool | None = None,
 ) -> Tensor:
     """Resize pre-cut crops, flip, jitter, normalise.
 
@@ -152,15 +152,26 @@ def train_batch(
             ``[:h_i, :w_i]`` (the loader cuts the boxes out of the cache).
         crop_hw: (B, 2) int64 heights and widths of the crops.
 
+    On the CPU the resize runs per sample on PyTorch's uint8 kernels, on a GPU as
+    one batched tap sum (see negmargin/resample.py); both are the same filter.
+    ``per_sample`` forces one or the other.
+
     Returns:
         (B, C, size, size) float32, normalised, channels-last layout.
     """
     device = crops.device
-    zeros = torch.zeros_like(crop_hw[:, :1])
-    boxes = torch.cat([zeros, zeros, crop_hw], dim=1)
-    flip = torch.from_numpy(params.flip).to(device, non_blocking=True)
-    x = crop_resize(crops, boxes, size, size, cfg.interpolation, flip)
-    x = x.round_().clamp_(0, 255)  # the reference holds a uint8 image after resizing
+    if per_sample if per_sample is not None else device.type == "cpu":
+        x = crop_resize_each(crops, crop_hw, size, size, cfg.interpolation)
+        if params.flip.any():
+            flip = torch.from_numpy(params.flip)
+            x[flip] = x[flip].flip(-1)
+        x = x.float()
+    else:
+        zeros = torch.zeros_like(crop_hw[:, :1])
+        boxes = torch.cat([zeros, zeros, crop_hw], dim=1)
+        flip = torch.from_numpy(params.flip).to(device, non_blocking=True)
+        x = crop_resize(crops, boxes, size, size, cfg.interpolation, flip)
+        x = x.round_().clamp_(0, 255)  # the reference holds a uint8 image after resizing
     if cfg.brightness or cfg.contrast or cfg.saturation:
         factors = torch.from_numpy(params.jitter).to(device, non_blocking=True)
         order = torch.from_numpy(params.order).to(device, non_blocking=True)

@@ -160,45 +160,49 @@ def test_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------ negmargin command
 
 
+# Data settings of ``negmargin prepare DATASET`` without --config (the configs' values).
+PREPARE_DEFAULTS: dict[str, dict] = {
+    "omniglot": {
+        "channels": 1,
+        "mean": (235.0,),
+        "std": (55.5,),
+        "image_size": 28,
+        "test_resize": 28,
+        "train_store_size": 28,
+    },
+}
+
+
 def _prepare(args) -> None:
+    from .config import Config, load_config
     from .datasets import load_split
 
-    overrides = list(args.cfg_options)
-    cfg = _config_for_dataset(args.dataset, args.root, args.size, overrides, args.config)
+    if args.config:
+        cfg = load_config(args.config, list(args.cfg_options))
+    else:
+        data = {"dataset": args.dataset, **PREPARE_DEFAULTS.get(args.dataset, {})}
+        raw = {"data": data}
+        if args.dataset == "omniglot":
+            raw["augment"] = {"interpolation": "pil"}
+        from .config import apply_override
+
+        for item in args.cfg_options:
+            apply_override(raw, item)
+        cfg = Config.from_dict(raw).validate()
+    data = cfg.data
+    if args.root:
+        data.root = args.root
+    if args.size is not None:
+        data.train_store_size = args.size
     if args.workers is not None:
-        cfg.data.prepare_workers = args.workers
+        data.prepare_workers = args.workers
     if args.skip_bad_images:
-        cfg.data.skip_bad_images = True
+        data.skip_bad_images = True
+    cfg.validate()
     for split in args.splits:
         t = time.time()
         packed = load_split(cfg, split)
         print(f"{split}: {len(packed)} images in {packed.folder} ({time.time() - t:.1f} s)")
-
-
-def _config_for_dataset(dataset, root, size, overrides, config_path):
-    from .config import Config, load_config
-
-    if config_path:
-        cfg = load_config(config_path, overrides)
-    else:
-        raw: dict = {"data": {"dataset": dataset}}
-        cfg = Config.from_dict(raw)
-        if dataset == "omniglot":
-            cfg.data.channels, cfg.data.mean, cfg.data.std = 1, (255 * 0.92,), (255 * 0.26,)
-            cfg.data.image_size, cfg.data.test_resize, cfg.data.train_store_size = 28, 28, 28
-            cfg.augment.interpolation = "pil"
-        cfg = Config.from_dict(cfg.to_dict() | {})
-        from .config import apply_override
-
-        raw = cfg.to_dict()
-        for item in overrides:
-            apply_override(raw, item)
-        cfg = Config.from_dict(raw).validate()
-    if root:
-        cfg.data.root = root
-    if size:
-        cfg.data.train_store_size = size
-    return cfg
 
 
 def _demo(args) -> None:

@@ -151,15 +151,24 @@ class TrainLoader:
                 images, labels = self.finish(self.prepare(epoch, it, indices))
                 yield images, labels, time.perf_counter() - t0
             return
+        # On the CPU the whole batch (cut + augment) is made in the background
+        # threads, overlapping the model's step; on a GPU the threads cut crops
+        # into pinned memory and the main thread runs the batched augmentation.
+        on_cpu = self.device.type == "cpu"
+
+        def make(it: int):
+            item = self.prepare(epoch, it, indices)
+            return self.finish(item) if on_cpu else item
+
         depth = 2 * workers
         with cf.ThreadPoolExecutor(workers, thread_name_prefix="negmargin-loader") as pool:
             pending = {}
             nxt = start
             for it in range(start, self.iterations):
                 while nxt < self.iterations and len(pending) < depth:
-                    pending[nxt] = pool.submit(self.prepare, epoch, nxt, indices)
+                    pending[nxt] = pool.submit(make, nxt)
                     nxt += 1
                 t0 = time.perf_counter()
-                item = pending.pop(it).result()
-                images, labels = self.finish(item)
+                result = pending.pop(it).result()
+                images, labels = result if on_cpu else self.finish(result)
                 yield images, labels, time.perf_counter() - t0

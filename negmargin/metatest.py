@@ -135,29 +135,18 @@ def run_episodes(
     return out
 
 
-def meta_test(
+def meta_test_episodes(
     features: Tensor,
-    labels: np.ndarray,
+    episodes: Tensor,
     ev: EvalConfig,
     ft: FinetuneConfig,
-    class_names: list[str] | None = None,
-    where: str = "split",
     progress: bool = True,
     desc: str = "meta-test",
 ) -> MetaTestResult:
-    """Draw ``ev``'s episodes from a split and meta-test them (split across ranks under torchrun)."""
-    episodes = sample_episodes(
-        labels,
-        ev.n_way,
-        ev.n_shot,
-        ev.n_query,
-        ev.n_episodes,
-        seed=ev.episode_seed,
-        class_names=class_names,
-        where=where,
-    )
+    """Meta-test given episodes; under torchrun each rank runs a strided share and the
+    per-episode accuracies are gathered, so every rank returns the single-process result."""
     settings = settings_for(ev, ft)
-    ids = torch.arange(ev.n_episodes)
+    ids = torch.arange(len(episodes))
     rank, world = dist.rank(), dist.world_size()
     mine = ids[rank::world]
     accs = run_episodes(
@@ -171,12 +160,35 @@ def meta_test(
         desc=desc,
     )
     if world > 1:
-        parts = dist.all_gather_object((mine.numpy(), accs))
-        full = np.empty(ev.n_episodes, dtype=np.float64)
-        for ids_part, acc_part in parts:
-            full[ids_part] = acc_part
+        full = np.empty(len(episodes), dtype=np.float64)
+        for part_ids, part in dist.all_gather_object((mine.numpy(), accs)):
+            full[part_ids] = part
         accs = full
     return MetaTestResult(accs, ev.n_way, ev.n_shot, ev.n_query, settings.steps)
+
+
+def meta_test(
+    features: Tensor,
+    labels: np.ndarray,
+    ev: EvalConfig,
+    ft: FinetuneConfig,
+    class_names: list[str] | None = None,
+    where: str = "split",
+    progress: bool = True,
+    desc: str = "meta-test",
+) -> MetaTestResult:
+    """Draw ``ev``'s episodes from a split and meta-test them."""
+    episodes = sample_episodes(
+        labels,
+        ev.n_way,
+        ev.n_shot,
+        ev.n_query,
+        ev.n_episodes,
+        seed=ev.episode_seed,
+        class_names=class_names,
+        where=where,
+    )
+    return meta_test_episodes(features, episodes, ev, ft, progress, desc)
 
 
 # --------------------------------------------------------------------------- features

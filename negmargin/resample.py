@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -127,6 +128,40 @@ def crop_resize(
             torch.where(flip, cols[1].flip(1), cols[1]),
         )
     return resample(images, rows, cols)
+
+
+def crop_resize_each(crops: Tensor, crop_hw: Tensor, out_h: int, out_w: int, mode: str = "cv2") -> Tensor:
+    """The same resize as :func:`crop_resize`, one ``F.interpolate`` call per sample.
+
+    On the CPU, PyTorch's uint8 channels-last bilinear kernels (antialiased or not)
+    resize a crop in ~0.1 ms, several times faster than the batched tap sums there
+    (which pay for float gathers over the whole padded batch); on a GPU the
+    batched version wins because it is a handful of kernels instead of one per
+    image. PyTorch's bilinear with ``align_corners=False`` is OpenCV's
+    INTER_LINEAR (half-pixel centres, clamped edges); with ``antialias=True`` it
+    is PIL's filter. Results are uint8 (rounded).
+
+    Args:
+        crops: (B, Hc, Wc, C) uint8; sample i occupies ``[:h_i, :w_i]``.
+        crop_hw: (B, 2) heights and widths.
+
+    Returns:
+        (B, C, out_h, out_w) uint8, channels-last layout.
+    """
+    if mode not in ("cv2", "pil"):
+        raise ValueError(f"unknown interpolation '{mode}' (expected 'cv2' or 'pil')")
+    batch, channels = crops.shape[0], crops.shape[3]
+    out = torch.empty(batch, channels, out_h, out_w, dtype=torch.uint8, device=crops.device)
+    out = out.contiguous(memory_format=torch.channels_last)
+    for b, (h, w) in enumerate(crop_hw.tolist()):
+        x = crops[b, :h, :w].permute(2, 0, 1)[None]
+        if (h, w) == (out_h, out_w):
+            out[b] = x[0]
+        else:
+            out[b] = F.interpolate(
+                x, size=(out_h, out_w), mode="bilinear", align_corners=False, antialias=mode == "pil"
+            )[0]
+    return out
 
 
 def resize_short_side(height: int, width: int, short: int) -> tuple[int, int]:

@@ -35,23 +35,31 @@ from .faults import kill_point
 from .fileio import ensure_writable_dir
 from .heads import FewShotModel, build_model
 from .loader import TrainLoader
-from .metatest import MetaTestResult, extract_features, run_episodes, settings_for
+from .metatest import MetaTestResult, extract_features, meta_test_episodes
 from .runlog import RunLog
 from .schedule import lr_at
 
 
 class Trainee(nn.Module):
-    """What DDP wraps: images + labels → (logits with margin, similarities)."""
+    """What DDP wraps: images + labels → (logits with margin, similarities).
 
-    def __init__(self, model: FewShotModel, autocast_dtype: torch.dtype | None) -> None:
+    With ``compile=True`` the backbone's forward goes through ``torch.compile``
+    while the model's own modules (and so the checkpoint keys) stay unchanged.
+    """
+
+    def __init__(
+        self, model: FewShotModel, autocast_dtype: torch.dtype | None, compile: bool = False
+    ) -> None:
         super().__init__()
         self.model = model
         self.autocast_dtype = autocast_dtype
+        # Kept out of the module tree: the compiled wrapper would add "_orig_mod." keys.
+        object.__setattr__(self, "_backbone", torch.compile(model.backbone) if compile else model.backbone)
 
     def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         device_type = images.device.type
         with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            feats = self.model.backbone(images)
+            feats = self._backbone(images)
         with torch.autocast(device_type, enabled=False):
             sims = self.model.head.similarity(feats.float())
             return self.model.head.logits(sims, labels), sims
@@ -131,26 +139,7 @@ def validate(
         desc="val features",
     )
     kill_point("val")
-    settings = settings_for(cfg.val, cfg.finetune)
-    ids = torch.arange(len(episodes))
-    rank, world = dist.rank(), dist.world_size()
-    mine = ids[rank::world]
-    accs = run_episodes(
-        feats,
-        episodes[mine],
-        mine,
-        cfg.val.n_shot,
-        settings,
-        cfg.finetune.chunk_size,
-        progress=progress,
-        desc="val episodes",
-    )
-    if world > 1:
-        full = np.empty(len(episodes))
-        for part_ids, part in dist.all_gather_object((mine.numpy(), accs)):
-            full[part_ids] = part
-        accs = full
-    return MetaTestResult(accs, cfg.val.n_way, cfg.val.n_shot, cfg.val.n_query, settings.steps)
+    return meta_test_episodes(feats, episodes, cfg.val, cfg.finetune, progress, desc="val episodes")
 
 
 def _check_resume_config(cfg: Config, ckpt: dict, path: Path) -> None:
@@ -229,8 +218,6 @@ def run(
         model = model.to(memory_format=torch.channels_last)
     if cfg.train.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.train.compile:
-        model.backbone = torch.compile(model.backbone)
 
     if cfg.train.ddp_scaling == "linear":
         per_process, base_lr = cfg.train.batch_size, cfg.train.lr * world
@@ -244,7 +231,7 @@ def run(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=base_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
     )
-    trainee: nn.Module = Trainee(model, autocast_dtype)
+    trainee: nn.Module = Trainee(model, autocast_dtype, compile=cfg.train.compile)
     if world > 1:
         trainee = nn.parallel.DistributedDataParallel(
             trainee, device_ids=[device.index] if device.type == "cuda" else None

@@ -141,7 +141,10 @@ def pil_reference_augment(img, box, flip, factors, order):
     return np.asarray(im).astype(np.float64)
 
 
-def test_full_train_augmentation_matches_pil_reference():
+@pytest.mark.parametrize(
+    "per_sample", [True, False], ids=["per-sample (CPU path)", "batched taps (GPU path)"]
+)
+def test_full_train_augmentation_matches_pil_reference(per_sample):
     rng = np.random.default_rng(0)
     images = [smooth_image(rng, 375, 500), smooth_image(rng, 200, 150), smooth_image(rng, 90, 120)]
     cfg = AugmentConfig(interpolation="pil")
@@ -156,7 +159,16 @@ def test_full_train_augmentation_matches_pil_reference():
     crops = np.zeros((len(images), hw[:, 0].max(), hw[:, 1].max(), 3), dtype=np.uint8)
     for i, (im, (t, left, h, w)) in enumerate(zip(images, params.boxes)):
         crops[i, :h, :w] = im[t : t + h, left : left + w]
-    out = train_batch(torch.from_numpy(crops), torch.from_numpy(hw), params, cfg, 84, (0, 0, 0), (1, 1, 1))
+    out = train_batch(
+        torch.from_numpy(crops),
+        torch.from_numpy(hw),
+        params,
+        cfg,
+        84,
+        (0, 0, 0),
+        (1, 1, 1),
+        per_sample=per_sample,
+    )
     assert params.flip.any() and not params.flip.all()
     diffs = []
     for i, im in enumerate(images):

@@ -37,8 +37,8 @@ def read_source(cfg, split: str) -> SplitSource:
         raise ConfigError(
             f"unknown dataset '{name}' (config key data.dataset); valid names: {', '.join(sorted(DATASETS))}"
         )
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}")
+    if split not in (*SPLITS, "train_holdout"):
+        raise ValueError(f"split must be one of {SPLITS} or train_holdout")
     return DATASETS[name](cfg.data.root, split, **cfg.data.options)
 
 

@@ -91,6 +91,24 @@ def check_disjoint(splits: dict[str, Sequence[str]], what: str = "class") -> Non
             seen[name] = split
 
 
+def class_images(
+    folders: Sequence[Path], what: str, keep: Callable[[Path], bool] | None = None
+) -> tuple[list[str], np.ndarray]:
+    """Image paths of each class folder in turn and their labels (folder index).
+
+    An empty folder is an error naming it (``what`` says what kind of folder).
+    """
+    paths: list[str] = []
+    labels: list[int] = []
+    for label, folder in enumerate(folders):
+        files = [f for f in list_images(folder) if keep is None or keep(f)]
+        if not files:
+            raise DataError(f"{what} '{folder}' has no image files; add images or remove it")
+        paths += [str(f) for f in files]
+        labels += [label] * len(files)
+    return paths, np.array(labels, dtype=np.int64)
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
     from ..imageio import is_image_file

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from ..errors import DataError
-from .base import SplitSource, list_images, listing_fingerprint, require_dir
+from .base import SplitSource, class_images, listing_fingerprint, require_dir
 
 HOW = (
     "Download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ "
@@ -41,18 +39,12 @@ def read_cub(root: str | Path, split: str, **options) -> SplitSource:
             f"CUB image folder '{images}' has {len(all_classes)} class folders, expected 200. {HOW}"
         )
     classes = split_classes(all_classes, split)
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = list_images(images / name)
-        if not files:
-            raise DataError(f"CUB class folder '{images / name}' has no images")
-        paths += [str(f) for f in files]
-        labels += [label] * len(files)
+    paths, labels = class_images([images / name for name in classes], "CUB class folder")
     return SplitSource(
         dataset="cub",
         split=split,
         class_names=classes,
-        labels=np.array(labels),
+        labels=labels,
         items=paths,
         layout=f"CUB-200-2011 images/<class>/*.jpg, Baseline++ split ({len(classes)} {split} classes)",
         fingerprint=listing_fingerprint(paths, extra=f"cub/{split}"),

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from .base import SPLITS, SplitSource, check_disjoint, list_images, listing_fingerprint, require_dir
+from .base import SPLITS, SplitSource, check_disjoint, class_images, listing_fingerprint, require_dir
 
 HOW = "Lay the images out as <root>/<class name>/<image files> (config key data.root or --data-root)."
 
@@ -89,18 +89,12 @@ def read_folder(root: str | Path, split: str, **options) -> SplitSource:
     classes = splits[split]
     if not classes:
         raise DataError(f"the {split} split of '{root}' has no classes ({how})")
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = list_images(root / name)
-        if not files:
-            raise DataError(f"class folder '{root / name}' has no image files; add images or remove it")
-        paths += [str(f) for f in files]
-        labels += [label] * len(files)
+    paths, labels = class_images([root / name for name in classes], "class folder")
     return SplitSource(
         dataset="folder",
         split=split,
         class_names=classes,
-        labels=np.array(labels),
+        labels=labels,
         items=paths,
         layout=f"image folders <root>/<class>/*, split by {how} ({len(classes)} {split} classes)",
         fingerprint=listing_fingerprint(paths, extra=f"folder/{split}/{how}"),

@@ -1,0 +1,229 @@
+"""Training throughput: model alone vs our input path vs a per-image PIL pipeline.
+
+    python bench/train_speed.py [--backbones conv4 resnet12] [--steps 12] [--device cpu]
+
+For each backbone at batch 64, 84×84, and each precision (fp32; bf16 autocast +
+channels-last), in one run:
+
+  (1) model only: forward + backward + SGD step on a batch already in memory;
+  (2) our input path: packed uint8 cache (CUB-like ~500×375 JPEGs stored at short
+      side 256) → crops cut by a background thread → RandomResizedCrop + flip +
+      ColorJitter + normalise batched on the device → the same step;
+  (3) the usual pipeline: torch DataLoader with worker processes, each decoding
+      the JPEG and applying the same augmentation per image with PIL → the same step.
+
+Prints images/s for each and the ratios (2)/(1) and (2)/(3). The machine is
+shared and noisy: every number of a table comes from the same run; each rate
+is images over wall time of consecutive steps (waiting for data included) after
+warm-up steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from negmargin.augment import sample_params  # noqa: E402
+from negmargin.config import Config  # noqa: E402
+from negmargin.datasets import load_split  # noqa: E402
+from negmargin.heads import build_model  # noqa: E402
+from negmargin.loader import TrainLoader  # noqa: E402
+from negmargin.train import Trainee  # noqa: E402
+
+
+def make_jpegs(root: Path, n_classes: int, per_class: int) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:375, 0:500] / 500
+    for c in range(n_classes):
+        folder = root / f"class{c:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            phase = rng.uniform(0, 6, 3)
+            img = np.stack([127 + 90 * np.sin(7 * xx * (k + 1) + 5 * yy + phase[k]) for k in range(3)], -1)
+            img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """Per image: decode the JPEG, then RandomResizedCrop/flip/ColorJitter with PIL."""
+
+    def __init__(self, paths, labels, cfg: Config):
+        self.paths, self.labels, self.cfg = paths, labels, cfg
+        self.mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
+        self.std = torch.tensor(cfg.data.std).view(3, 1, 1)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = Image.open(self.paths[i]).convert("RGB")
+        rng = np.random.default_rng([os.getpid(), i, time.perf_counter_ns()])
+        p = sample_params(rng, np.array([img.height]), np.array([img.width]), self.cfg.augment)
+        t, left, h, w = p.boxes[0]
+        img = img.crop((left, t, left + w, t + h)).resize((84, 84), Image.BILINEAR)
+        if p.flip[0]:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        ops = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+        for op in p.order[0]:
+            img = ops[op](img).enhance(float(p.jitter[0][op]))
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def train_step(trainee, opt, device, x, y) -> None:
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    logits, _ = trainee(x, y)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def our_batches(loader: TrainLoader):
+    epoch = 0
+    while True:
+        for x, y, _ in loader.epoch(epoch):
+            yield x, y
+        epoch += 1
+
+
+def dataloader_batches(dl, memory_format):
+    while True:
+        for x, y in dl:
+            yield x.contiguous(memory_format=memory_format), y
+
+
+def timed_steps(step, batches, warmup: int, steps: int) -> float:
+    """Images/s over ``steps`` consecutive steps after ``warmup`` (wall time, data waits included)."""
+    it = iter(batches)
+    for _ in range(warmup):
+        step(*next(it))
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(*next(it))
+    return 64 * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbones", nargs="+", default=["conv4", "resnet12"])
+    parser.add_argument(
+        "--steps", type=int, default=30, help="timed steps per measurement (ResNet12: a third)"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for (3)")
+    parser.add_argument("--compile", action="store_true", help="also time (1) with torch.compile")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    tmp = Path(tempfile.mkdtemp(prefix="negmargin-bench-"))
+    make_jpegs(tmp / "jpegs", 8, 60)
+    base = {
+        "name": "bench",
+        "data": {
+            "dataset": "folder",
+            "root": str(tmp / "jpegs"),
+            "cache_dir": str(tmp / "cache"),
+            "options": {"split_fractions": (1, 0, 0)},
+        },
+        "train": {"device": str(device), "workers": 1},
+    }
+    cfg = Config.from_dict(base).validate()
+    packed = load_split(cfg, "train", progress=False)
+    paths = [str(p) for p in sorted((tmp / "jpegs").rglob("*.jpg"))]
+    labels = torch.from_numpy(packed.labels)
+    print(
+        f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); {len(packed)} JPEGs "
+        f"~500×375 stored at short side {cfg.data.train_store_size}; batch 64, 84×84"
+    )
+    print(
+        f"{'backbone':<9} {'precision':<16} {'(1) model':>10} {'(2) ours':>10} {'(3) PIL+DL':>11} "
+        f"{'(2)/(1)':>8} {'(2)/(3)':>8}"
+    )
+    for name in args.backbones:
+        for precision in ("fp32", "bf16+CL"):
+            bf16 = precision != "fp32"
+            run_cfg = Config.from_dict(
+                {
+                    **base,
+                    "model": {"backbone": name},
+                    "train": {
+                        **base["train"],
+                        "precision": "bf16" if bf16 else "fp32",
+                        "channels_last": "on" if bf16 else "off",
+                    },
+                }
+            ).validate()
+            torch.manual_seed(0)
+            model = build_model(run_cfg, packed.num_classes).to(device)
+            if bf16:
+                model = model.to(memory_format=torch.channels_last)
+            trainee = Trainee(model, torch.bfloat16 if bf16 else None)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+            step = functools.partial(train_step, trainee, opt, device)
+
+            steps = args.steps if name == "conv4" else max(3, args.steps // 3)
+            warm = 2
+            fmt = torch.channels_last if bf16 else torch.contiguous_format
+            fixed = torch.randn(64, 3, 84, 84, device=device).contiguous(memory_format=fmt)
+            fixed_y = labels[:64].to(device)
+            r1 = timed_steps(step, itertools.repeat((fixed, fixed_y)), warm, steps)
+
+            loader = TrainLoader(packed, run_cfg, 64, device, channels_last=bf16)
+            r2 = timed_steps(step, our_batches(loader), warm, steps)
+            dl = torch.utils.data.DataLoader(
+                PILDataset(paths, labels, run_cfg),
+                batch_size=64,
+                shuffle=True,
+                num_workers=args.workers,
+                persistent_workers=True,
+                drop_last=True,
+                prefetch_factor=2,
+            )
+
+            r3 = timed_steps(step, dataloader_batches(dl, fmt), warm, steps)
+            print(
+                f"{name:<9} {precision:<16} {r1:>8.1f}/s {r2:>8.1f}/s {r3:>9.1f}/s {r2 / r1:>8.2f} {r2 / r3:>8.2f}"
+            )
+            if args.compile and name == "conv4":
+                cmodel = build_model(run_cfg, packed.num_classes).to(device)
+                if bf16:
+                    cmodel = cmodel.to(memory_format=torch.channels_last)
+                compiled = Trainee(cmodel, trainee.autocast_dtype, compile=True)
+                copt = torch.optim.SGD(compiled.parameters(), lr=0.01)
+
+                cstep = functools.partial(train_step, compiled, copt, device)
+                t0 = time.perf_counter()
+                cstep(fixed, fixed_y)
+                first = time.perf_counter() - t0
+                rc = timed_steps(cstep, itertools.repeat((fixed, fixed_y)), 2, steps)
+                print(
+                    f"{'':<9} {'+torch.compile':<16} {rc:>8.1f}/s   (model only; first step {first:.0f} s; "
+                    f"×{rc / r1:.2f} vs eager)"
+                )
+    print(
+        f"({args.steps} timed steps, ResNet12 {max(3, args.steps // 3)}, after 2 warm-up steps; "
+        f"{math.ceil(len(packed) / 64)} batches per epoch)"
+    )
+
+
+if __name__ == "__main__":
+    main()
