@@ -23,7 +23,6 @@ script is run again, so an interrupted study resumes.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -59,12 +58,28 @@ SETTINGS = [  # (label, head, margin)
 ]
 
 
+def evaluate(cfg, checkpoint: Path) -> dict:
+    """Base-class accuracy on held-out drawers and novel 5-way 1-/5-shot of one checkpoint."""
+    device = torch.device("cpu")
+    model, ckpt = load_trained_model(cfg, checkpoint, device)
+    holdout = load_split(cfg, "train_holdout", progress=False, log=lambda m: None)
+    feats = extract_features(model.backbone, holdout, cfg, device, progress=False)
+    with torch.no_grad():
+        pred = model.head.similarity(feats).argmax(1).numpy()
+    out = {"epoch": ckpt.get("epoch"), "base_accuracy": float((pred == holdout.labels).mean() * 100)}
+    test = load_split(cfg, "test", progress=False, log=lambda m: None)
+    test_feats = extract_features(model.backbone, test, cfg, device, progress=False)
+    for shot in (1, 5):
+        ev = replace(cfg.meta_test, n_shot=shot, steps=None)
+        r = meta_test(test_feats, test.labels, ev, cfg.finetune, test.class_names, progress=False)
+        out[f"novel_{shot}shot"] = {"mean": r.mean, "ci95": r.ci95}
+    return out
+
+
 def one_run(args, head: str, margin: float, seed: int, out: Path) -> dict:
     tag = f"{head}_m{margin:+g}_seed{seed}" + (f"_{args.tag}" if args.tag else "")
     wd = out / "runs" / tag
     done = wd / "result.json"
-    if done.is_file():
-        return json.loads(done.read_text())
     overrides = [
         f"model.head='{head}'",
         f"model.margin={margin}",
@@ -77,104 +92,122 @@ def one_run(args, head: str, margin: float, seed: int, out: Path) -> dict:
         overrides.append("model.allow_positive_margin=True")
     if head == "softmax":
         overrides.append("model.temperature=1.0")
-    cfg = load_config(CONFIG, overrides)
-    cfg = replace(cfg, name=tag)
+    cfg = replace(load_config(CONFIG, overrides), name=tag)
+    if done.is_file():
+        result = json.loads(done.read_text())
+        if "final" not in result and (wd / "latest.pth").is_file():  # runs from before "final" existed
+            result["final"] = evaluate(cfg, wd / "latest.pth")
+            atomic_write_text(done, json.dumps(result, indent=1))
+        return result
     t0 = time.time()
     summary = run(cfg, wd, progress=False)
     train_seconds = time.time() - t0
-    device = torch.device("cpu")
-    model, ckpt = load_trained_model(cfg, wd / "best_accuracy_mean.pth", device)
-    holdout = load_split(cfg, "train_holdout", progress=False, log=lambda m: None)
-    feats = extract_features(model.backbone, holdout, cfg, device, progress=False)
-    with torch.no_grad():
-        pred = model.head.similarity(feats).argmax(1).numpy()
-    base_acc = float((pred == holdout.labels).mean() * 100)
-    test = load_split(cfg, "test", progress=False, log=lambda m: None)
-    test_feats = extract_features(model.backbone, test, cfg, device, progress=False)
-    novel = {}
-    for shot in (1, 5):
-        ev = replace(cfg.meta_test, n_shot=shot, steps=None)
-        r = meta_test(test_feats, test.labels, ev, cfg.finetune, test.class_names, progress=False)
-        novel[shot] = {"mean": r.mean, "ci95": r.ci95}
+    best = evaluate(cfg, wd / "best_accuracy_mean.pth")
     result = {
         "head": head,
         "margin": margin,
         "seed": seed,
         "precision": args.precision,
-        "base_accuracy": base_acc,
-        "novel_1shot": novel[1],
-        "novel_5shot": novel[5],
+        "tag": args.tag,
+        "temperature": cfg.model.temperature,
+        "base_accuracy": best["base_accuracy"],
+        "novel_1shot": best["novel_1shot"],
+        "novel_5shot": best["novel_5shot"],
         "best_val_1shot": summary["best_accuracy_mean"],
         "best_epoch": summary["best_epoch"],
-        "checkpoint_epoch": ckpt.get("epoch"),
+        "checkpoint_epoch": best["epoch"],
+        "final": evaluate(cfg, wd / "latest.pth"),
         "train_seconds": round(train_seconds, 1),
         "epochs": cfg.train.epochs,
     }
     atomic_write_text(done, json.dumps(result, indent=1))
+    n1, n5 = result["novel_1shot"], result["novel_5shot"]
     print(
-        f"{tag}: base {base_acc:.2f}  novel 1-shot {novel[1]['mean']:.2f} ± {novel[1]['ci95']:.2f}  "
-        f"5-shot {novel[5]['mean']:.2f} ± {novel[5]['ci95']:.2f}  ({train_seconds / 60:.1f} min)",
+        f"{tag}: best-val checkpoint (epoch {best['epoch']}): base {best['base_accuracy']:.2f}  "
+        f"novel 1-shot {n1['mean']:.2f} ± {n1['ci95']:.2f}  5-shot {n5['mean']:.2f} ± {n5['ci95']:.2f}; "
+        f"final: base {result['final']['base_accuracy']:.2f} novel 1-shot "
+        f"{result['final']['novel_1shot']['mean']:.2f}  ({train_seconds / 60:.1f} min)",
         flush=True,
     )
     return result
 
 
+def view(r: dict, which: str) -> dict:
+    """A run's numbers for the best-val checkpoint ("best") or the last epoch ("final")."""
+    if which == "final":
+        return r["final"]
+    return {
+        "base_accuracy": r["base_accuracy"],
+        "novel_1shot": r["novel_1shot"],
+        "novel_5shot": r["novel_5shot"],
+    }
+
+
 def aggregate(results: list[dict]) -> list[dict]:
     rows = []
     for label, head, margin in SETTINGS:
-        rs = [r for r in results if r["head"] == head and r["margin"] == margin]
+        rs = [r for r in results if r["head"] == head and r["margin"] == margin and "final" in r]
         if not rs:
             continue
-
-        def stat(key, sub=None, rs=rs):
-            vals = np.array([r[key][sub] if sub else r[key] for r in rs])
-            return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
-
-        rows.append(
-            {
-                "setting": label,
-                "head": head,
-                "margin": margin,
-                "seeds": len(rs),
-                "base_accuracy": stat("base_accuracy"),
-                "novel_1shot": stat("novel_1shot", "mean"),
-                "novel_1shot_ci95": stat("novel_1shot", "ci95")[0],
-                "novel_5shot": stat("novel_5shot", "mean"),
-                "novel_5shot_ci95": stat("novel_5shot", "ci95")[0],
-                "train_minutes": stat("train_seconds")[0] / 60,
-            }
-        )
+        row = {
+            "setting": label,
+            "head": head,
+            "margin": margin,
+            "seeds": len(rs),
+            "train_minutes": float(np.mean([r["train_seconds"] for r in rs])) / 60,
+            "best_epochs": [r["best_epoch"] for r in rs],
+        }
+        for which in ("best", "final"):
+            vs = [view(r, which) for r in rs]
+            for key in ("base_accuracy", "novel_1shot", "novel_5shot"):
+                vals = np.array([v[key] if key == "base_accuracy" else v[key]["mean"] for v in vs])
+                row[f"{which}_{key}"] = float(vals.mean())
+                row[f"{which}_{key}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+                if key != "base_accuracy":
+                    row[f"{which}_{key}_ci95"] = float(np.mean([v[key]["ci95"] for v in vs]))
+        rows.append(row)
     return rows
 
 
-def _sd(seeds: int, value: float) -> str:
-    return f" (sd {value:.2f})" if seeds > 1 else ""
+def _cell(row: dict, key: str) -> str:
+    text = f"{row[key]:.2f}"
+    if f"{key}_ci95" in row:
+        text += f" ± {row[key + '_ci95']:.2f}"
+    if row["seeds"] > 1:
+        text += f" (sd {row[key + '_sd']:.2f})"
+    return text
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    lines = [
-        "| setting | seeds | base-class acc. (964-way, held-out drawers) | novel 5-way 1-shot | novel 5-way 5-shot | train time |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        sd = functools.partial(_sd, r["seeds"])
-        lines.append(
-            f"| {r['setting']} | {r['seeds']} | {r['base_accuracy'][0]:.2f}{sd(r['base_accuracy'][1])} | "
-            f"{r['novel_1shot'][0]:.2f} ± {r['novel_1shot_ci95']:.2f}{sd(r['novel_1shot'][1])} | "
-            f"{r['novel_5shot'][0]:.2f} ± {r['novel_5shot_ci95']:.2f}{sd(r['novel_5shot'][1])} | "
-            f"{r['train_minutes']:.1f} min |"
-        )
+    lines = []
+    for which, title in (
+        ("best", "Checkpoint with the best 1-shot val accuracy (the benchmark protocol)"),
+        ("final", "Checkpoint after the last epoch"),
+    ):
+        lines += [
+            f"**{title}**",
+            "",
+            "| setting | seeds | base classes: 964-way acc. on held-out drawers | novel 5-way 1-shot | "
+            "novel 5-way 5-shot |" + (" best epochs | train time |" if which == "best" else ""),
+            "|---|---|---|---|---|" + ("---|---|" if which == "best" else ""),
+        ]
+        for r in rows:
+            extra = f" {r['best_epochs']} | {r['train_minutes']:.1f} min |" if which == "best" else ""
+            lines.append(
+                f"| {r['setting']} | {r['seeds']} | {_cell(r, which + '_base_accuracy')} | "
+                f"{_cell(r, which + '_novel_1shot')} | {_cell(r, which + '_novel_5shot')} |{extra}"
+            )
+        lines.append("")
     lines += [
-        "",
         "± is the 95% CI half-width of 2000 test episodes (averaged over seeds); sd is the standard "
-        "deviation across seeds.",
+        "deviation across seeds; train time per run on this 2-core CPU.",
         "",
         f"Command: `{command}`",
     ]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> bool:
+def plot(rows: list[dict], path: Path, which: str = "final") -> bool:
     try:
         import matplotlib
 
@@ -185,56 +218,51 @@ def plot(rows: list[dict], path: Path) -> bool:
         return False
     cos = sorted((r for r in rows if r["head"] == "cosine"), key=lambda r: r["margin"])
     soft = [r for r in rows if r["head"] == "softmax"]
+    if not cos:
+        return False
     m = [r["margin"] for r in cos]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    panels = [
-        ("base classes (964-way, held-out drawers)", "base_accuracy", axes[0]),
-        ("novel classes (5-way)", None, axes[1]),
-    ]
-    for title, key, ax in panels:
-        ax.axvspan(
-            0, max(m) * 1.15 if max(m) > 0 else 0.001, color="0.9", label="positive margin (not Neg-Margin)"
-        )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, keys, title in (
+        (axes[0], [("base_accuracy", "C0", "cosine head")], "base classes: 964-way, held-out drawers"),
+        (
+            axes[1],
+            [("novel_1shot", "C0", "cosine head, 1-shot"), ("novel_5shot", "C2", "cosine head, 5-shot")],
+            "novel classes: 5-way episodes",
+        ),
+    ):
+        if max(m) > 0:
+            ax.axvspan(0, max(m) * 1.25, color="0.92", label="m > 0: not Neg-Margin")
         ax.axvline(0, color="0.6", lw=0.8)
-        if key:
+        for key, color, label in keys:
+            full = f"{which}_{key}"
             ax.errorbar(
                 m,
-                [r[key][0] for r in cos],
-                yerr=[r[key][1] for r in cos],
+                [r[full] for r in cos],
+                yerr=[r[full + "_sd"] for r in cos],
                 marker="o",
-                color="C0",
+                color=color,
                 capsize=3,
-                label="cosine head",
+                label=label,
             )
             if soft:
-                ax.axhline(soft[0][key][0], color="C3", ls="--", label="softmax head, m=0 (Baseline)")
-        else:
-            for shot, color in (("1shot", "C0"), ("5shot", "C2")):
-                ax.errorbar(
-                    m,
-                    [r[f"novel_{shot}"][0] for r in cos],
-                    yerr=[r[f"novel_{shot}_ci95"] for r in cos],
-                    marker="o",
+                ax.axhline(
+                    soft[0][full],
                     color=color,
-                    capsize=3,
-                    label=f"cosine head, {shot[0]}-shot",
+                    ls="--",
+                    lw=1,
+                    label=f"softmax head m=0 (Baseline){', ' + label.split(', ')[-1] if ', ' in label else ''}",
                 )
-                if soft:
-                    ax.axhline(
-                        soft[0][f"novel_{shot}"][0],
-                        color=color,
-                        ls="--",
-                        lw=1,
-                        label=f"softmax Baseline, {shot[0]}-shot",
-                    )
-        ax.set_title(title)
-        ax.set_xlabel("margin m (target logit = T·(cos − m))")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("margin m  (target logit = T·(cos − m))")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle("Omniglot, Conv4 28×28: a negative margin trades base-class for novel-class accuracy?")
+        ax.legend(fontsize=7)
+    seeds = cos[0]["seeds"]
+    label = "last-epoch checkpoints" if which == "final" else "best-val checkpoints"
+    fig.suptitle(f"Omniglot, Conv4 28×28, {label}; mean ± sd over {seeds} seed(s)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     return True
 
 
@@ -262,11 +290,12 @@ def main() -> None:
         for _, head, margin in chosen:
             results.append(one_run(args, head, margin, seed, out))
     all_results = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/result.json"))]
-    all_results = [r for r in all_results if r["precision"] == args.precision]
+    all_results = [
+        r for r in all_results if r["precision"] == args.precision and r.get("tag", "") == args.tag
+    ]
     rows = aggregate(all_results)
-    command = "python bench/omniglot.py --data-root ../shared/data/omniglot --seeds " + " ".join(
-        map(str, args.seeds)
-    )
+    shown = [a for a in sys.argv[1:] if not a.startswith("--data-root") and a != args.data_root]
+    command = " ".join(["python bench/omniglot.py --data-root ../shared/data/omniglot", *shown])
     suffix = f"_{args.tag}" if args.tag else ""
     atomic_write_text(
         out / f"results{suffix}.json", json.dumps({"rows": rows, "runs": all_results}, indent=1)

@@ -120,22 +120,14 @@ def test_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics", nargs="*", default=None, help="accepted for compatibility; accuracy is always reported"
     )
-    # argparse: the positional checkpoint follows the config
     args = parser.parse_args(argv)
 
     def go() -> None:
-        from .config import apply_override  # noqa: F401
         from .evaluate import run_test
         from .train import work_dir_for
 
-        for flag, key in (
-            ("n_way", "n_way"),
-            ("n_query", "n_query"),
-            ("n_episodes", "n_episodes"),
-            ("steps", "steps"),
-            ("episode_seed", "episode_seed"),
-        ):
-            value = getattr(args, flag)
+        for key in ("n_way", "n_query", "n_episodes", "episode_seed"):
+            value = getattr(args, key)
             if value is not None:
                 args.cfg_options.append(f"meta_test.{key}={value}")
         if args.seed is not None:
@@ -144,6 +136,8 @@ def test_main(argv: list[str] | None = None) -> int:
         shots = [1, 5] if args.both_shots else args.shots
         if shots and any(s <= 0 for s in shots):
             raise UserError(f"--shots must be positive, got {shots}")
+        if args.steps is not None and args.steps <= 0:
+            raise UserError(f"--steps must be positive, got {args.steps}")
         run_test(
             cfg,
             args.checkpoint,
@@ -152,6 +146,7 @@ def test_main(argv: list[str] | None = None) -> int:
             args.split,
             args.show_task_results,
             progress=not args.quiet,
+            steps=args.steps,
         )
 
     return _guard(go)

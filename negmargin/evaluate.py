@@ -44,8 +44,13 @@ def run_test(
     split: str = "test",
     show_task_results: bool = False,
     progress: bool = True,
+    steps: int | None = None,
 ) -> list[MetaTestResult]:
-    """Meta-test ``checkpoint_path`` on ``split`` for each shot count; write JSON results."""
+    """Meta-test ``checkpoint_path`` on ``split`` for each shot count; write JSON results.
+
+    Fine-tune steps: ``steps`` if given, else the config's for its own shot count and
+    the protocol's rule (150 / 600) for the other shot counts.
+    """
     device = dist.local_device(cfg.train.device)
     dist.init(device)
     main = dist.is_main()
@@ -77,6 +82,8 @@ def run_test(
         ev = cfg.meta_test
         if n_shot != ev.n_shot:
             ev = replace(ev, n_shot=n_shot, steps=None)  # the protocol's steps for that shot count
+        if steps is not None:
+            ev = replace(ev, steps=steps)
         result = meta_test(
             feats,
             packed.labels,
