@@ -207,7 +207,12 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path, which: str = "final") -> bool:
+def plot(groups: list[tuple[str, list[dict]]], path: Path, which: str = "final") -> bool:
+    """Accuracy against margin: base classes, novel 1-shot, novel 5-shot.
+
+    ``groups`` are (label, rows) of one study each (e.g. T = 10 and T = 30); their
+    cosine rows are curves, a softmax row is drawn as a dashed Baseline line.
+    """
     try:
         import matplotlib
 
@@ -216,52 +221,44 @@ def plot(rows: list[dict], path: Path, which: str = "final") -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install 'negmargin[plot]'): no figure", file=sys.stderr)
         return False
-    cos = sorted((r for r in rows if r["head"] == "cosine"), key=lambda r: r["margin"])
-    soft = [r for r in rows if r["head"] == "softmax"]
-    if not cos:
-        return False
-    m = [r["margin"] for r in cos]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, keys, title in (
-        (axes[0], [("base_accuracy", "C0", "cosine head")], "base classes: 964-way, held-out drawers"),
-        (
-            axes[1],
-            [("novel_1shot", "C0", "cosine head, 1-shot"), ("novel_5shot", "C2", "cosine head, 5-shot")],
-            "novel classes: 5-way episodes",
-        ),
-    ):
-        if max(m) > 0:
-            ax.axvspan(0, max(m) * 1.25, color="0.92", label="m > 0: not Neg-Margin")
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    panels = (
+        ("base_accuracy", "base classes: 964-way on held-out drawers"),
+        ("novel_1shot", "novel classes: 5-way 1-shot"),
+        ("novel_5shot", "novel classes: 5-way 5-shot"),
+    )
+    margins = [r["margin"] for _, rows in groups for r in rows if r["head"] == "cosine"]
+    for ax, (key, title) in zip(axes, panels):
+        if margins and max(margins) > 0:
+            ax.axvspan(0, max(margins) * 1.3, color="0.92", label="m > 0: outside Neg-Margin")
         ax.axvline(0, color="0.6", lw=0.8)
-        for key, color, label in keys:
-            full = f"{which}_{key}"
-            ax.errorbar(
-                m,
-                [r[full] for r in cos],
-                yerr=[r[full + "_sd"] for r in cos],
-                marker="o",
-                color=color,
-                capsize=3,
-                label=label,
-            )
-            if soft:
-                ax.axhline(
-                    soft[0][full],
-                    color=color,
-                    ls="--",
-                    lw=1,
-                    label=f"softmax head m=0 (Baseline){', ' + label.split(', ')[-1] if ', ' in label else ''}",
+        full = f"{which}_{key}"
+        for k, (label, rows) in enumerate(groups):
+            cos = sorted((r for r in rows if r["head"] == "cosine"), key=lambda r: r["margin"])
+            if cos:
+                ax.errorbar(
+                    [r["margin"] for r in cos],
+                    [r[full] for r in cos],
+                    yerr=[r[full + "_sd"] for r in cos],
+                    marker="o",
+                    color=f"C{k}",
+                    capsize=3,
+                    label=f"cosine head, {label} ({cos[0]['seeds']} seed{'s' if cos[0]['seeds'] > 1 else ''})",
                 )
+            for r in rows:
+                if r["head"] == "softmax":
+                    ax.axhline(
+                        r[full], color="C3", ls="--", lw=1.2, label="softmax head, m=0, T=1 (Baseline)"
+                    )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("margin m  (target logit = T·(cos − m))")
         ax.set_ylabel("accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    seeds = cos[0]["seeds"]
-    label = "last-epoch checkpoints" if which == "final" else "best-val checkpoints"
-    fig.suptitle(f"Omniglot, Conv4 28×28, {label}; mean ± sd over {seeds} seed(s)", fontsize=11)
+    axes[0].legend(fontsize=7, loc="best")
+    what = "last-epoch checkpoints" if which == "final" else "checkpoints with the best val accuracy"
+    fig.suptitle(f"Omniglot (Lake split), Conv4 28×28, {what}; mean ± sd over seeds", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
@@ -277,6 +274,9 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the run folders (e.g. for a bf16 study)")
     parser.add_argument("--only", nargs="+", help="subset of settings by index (0-5)")
     parser.add_argument("--cfg-options", nargs="+", default=[])
+    parser.add_argument(
+        "--combine", nargs="+", help="also plot these studies' results together ('' = untagged)"
+    )
     args = parser.parse_args()
     if not (Path(args.data_root) / "images_background").is_dir():
         print(f"Omniglot not found at {args.data_root} (pass --data-root); skipping.")
@@ -301,7 +301,15 @@ def main() -> None:
         out / f"results{suffix}.json", json.dumps({"rows": rows, "runs": all_results}, indent=1)
     )
     atomic_write_text(out / f"results{suffix}.md", markdown(rows, command))
-    plot(rows, out / f"margin{suffix}.png")
+    temperature = all_results[0].get("temperature", 10.0) if all_results else 10.0
+    plot([(f"T={temperature:g}", rows)], out / f"margin{suffix}.png")
+    if args.combine:
+        groups = []
+        for tag in args.combine:
+            data = json.loads((out / f"results{'_' + tag if tag else ''}.json").read_text())
+            t = data["runs"][0].get("temperature", 10.0)
+            groups.append((f"T={t:g}", data["rows"]))
+        plot(groups, out / "margin_combined.png")
     print(markdown(rows, command))
 
 

@@ -206,8 +206,12 @@ def _demo(args) -> None:
     from .train import run
 
     config = Path(args.config)
+    if not config.is_file() and not config.is_absolute():
+        config = Path(__file__).resolve().parents[1] / config  # the clone this package runs from
     if not config.is_file():
-        raise UserError(f"demo config '{config}' not found; run from the repository root")
+        raise UserError(
+            f"demo config '{args.config}' not found; run from the repository root or pass --config"
+        )
     cfg = load_config(config, list(args.cfg_options))
     work_dir = Path(args.work_dir or Path("work_dir") / cfg.name)
     t0 = time.time()

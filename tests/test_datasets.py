@@ -394,3 +394,28 @@ def test_parallel_preparation_gives_the_same_cache(tmp_path):
     two = prepare(src, StorePolicy(0, False, "pil", 3), tmp_path / "b", workers=2, progress=False)
     assert np.array_equal(np.asarray(one.buffer), np.asarray(two.buffer))
     assert np.array_equal(one.labels, two.labels)
+
+
+def test_prepare_command(tmp_path, capsys):
+    from negmargin import cli
+
+    root = tmp_path / "mine"
+    make_folder(root)
+    args = [
+        "prepare",
+        "folder",
+        "--root",
+        str(root),
+        "--splits",
+        "train",
+        "--cfg-options",
+        "data.options={'split_fractions': (1, 0, 0)}",
+        f"data.cache_dir='{tmp_path / 'cache'}'",
+    ]
+    assert cli.main(args) == 0
+    assert "train: 18 images in" in capsys.readouterr().out
+    (root / "cls3" / "bad.png").write_bytes(b"junk")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: 1 unreadable image(s)" in err and "bad.png" in err.split("error:")[1]
+    assert cli.main([*args, "--skip-bad-images"]) == 0

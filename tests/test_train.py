@@ -161,3 +161,26 @@ def test_train_cli_rejects_bad_config_key_in_one_line(tiny_root, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "train.lr_rate" in err[0]
     assert os.path.exists(config)
+
+
+def test_demo_command_end_to_end(tmp_path, capsys):
+    """`negmargin demo` (the README's first command), on a shrunken demo dataset."""
+    code = cli.main(
+        [
+            "demo",
+            "--quiet",
+            "--work-dir",
+            str(tmp_path / "wd"),
+            "--cfg-options",
+            f"data.root='{tmp_path / 'demo'}'",
+            "data.options={'n_classes': 20, 'n_images': 12, 'split_sizes': (10, 5, 5)}",
+            "train.epochs=2",
+            "val.n_query=5",
+            "meta_test.n_query=5",
+            "meta_test.n_episodes=50",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "novel classes, 5-way 1-shot: accuracy_mean" in out and "5-way 5-shot" in out
+    assert (tmp_path / "demo" / "train.txt").read_text().count("\n") == 10

@@ -173,11 +173,25 @@ def generate(
     return root
 
 
-def read_demo(root: str | Path, split: str, **options):
-    """Generate the demo data if needed, then read it as a folder dataset."""
+def read_demo(
+    root: str | Path,
+    split: str,
+    n_classes: int = N_CLASSES,
+    n_images: int = N_IMAGES,
+    split_sizes: tuple[int, int, int] = SPLIT_SIZES,
+    seed: int = 0,
+):
+    """Generate the demo data if needed (``data.options`` may shrink it), then read it as a
+    folder dataset."""
+    from ..errors import DataError
     from .folder import read_folder
 
-    generate(root)
-    source = read_folder(root, split, **options)
+    if sum(split_sizes) != n_classes or min(split_sizes) < 1:
+        raise DataError(
+            f"demo: data.options.split_sizes {split_sizes} must be positive and add up to "
+            f"n_classes={n_classes}"
+        )
+    generate(root, n_classes, n_images, tuple(split_sizes), seed)
+    source = read_folder(root, split)
     source.dataset = "demo"
     return source
