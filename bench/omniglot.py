@@ -17,13 +17,15 @@ the best 1-shot val accuracy, then measure
 
 Writes ``results.json``, ``results.md`` and ``margin.png`` (matplotlib, optional)
 in ``--out``; finished runs are kept in ``--out/runs`` and skipped when the
-script is run again, so an interrupted study resumes.
+script is run again, so an interrupted study goes on from the first unfinished
+run (that run starts over, so that its recorded training time is one whole run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -294,7 +296,7 @@ def main() -> None:
         r for r in all_results if r["precision"] == args.precision and r.get("tag", "") == args.tag
     ]
     rows = aggregate(all_results)
-    shown = [a for a in sys.argv[1:] if not a.startswith("--data-root") and a != args.data_root]
+    shown = [shlex.quote(a) for a in sys.argv[1:] if not a.startswith("--data-root") and a != args.data_root]
     command = " ".join(["python bench/omniglot.py --data-root ../shared/data/omniglot", *shown])
     suffix = f"_{args.tag}" if args.tag else ""
     atomic_write_text(

@@ -203,12 +203,14 @@ def eval_view(image: np.ndarray, resize_short: int, size: int, mode: str) -> np.
     return image[top : top + size, left : left + size]
 
 
-def image_batches(packed: PackedSplit, cfg: Config, batch_size: int):
-    """Yield (B, size, size, C) uint8 arrays of a split under the test transform."""
+def image_batches(packed: PackedSplit, cfg: Config, batch_size: int, indices=None):
+    """Yield (B, size, size, C) uint8 arrays of a split (or of ``indices`` of it, in that
+    order) under the test transform."""
     size, short, mode = cfg.data.image_size, cfg.test_resize, cfg.augment.interpolation
-    for start in range(0, len(packed), batch_size):
-        stop = min(start + batch_size, len(packed))
-        yield np.stack([eval_view(packed.image(i), short, size, mode) for i in range(start, stop)])
+    order = range(len(packed)) if indices is None else [int(i) for i in indices]
+    for start in range(0, len(order), batch_size):
+        part = order[start : start + batch_size]
+        yield np.stack([eval_view(packed.image(i), short, size, mode) for i in part])
 
 
 def to_input(batch: np.ndarray, cfg: Config, device: torch.device, channels_last: bool = False) -> Tensor:
@@ -228,16 +230,20 @@ def extract_features(
     channels_last: bool = False,
     progress: bool = True,
     desc: str = "extract features",
+    indices=None,
 ) -> Tensor:
-    """Features of every image of a split: frozen backbone, eval mode, test transform → (N, D) float32."""
+    """Features of a split's images: frozen backbone, eval mode, test transform.
+
+    Returns (N, D) float32 for every image, or (len(indices), D) for ``indices``
+    (row i = image ``indices[i]``) when given.
+    """
     was_training = backbone.training
     backbone.eval()
     feats = []
     bs = cfg.finetune.feature_batch_size
-    bar = tqdm(
-        total=len(packed), desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False
-    )
-    for batch in image_batches(packed, cfg, bs):
+    total = len(packed) if indices is None else len(indices)
+    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
+    for batch in image_batches(packed, cfg, bs, indices):
         x = to_input(batch, cfg, device, channels_last)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             f = backbone(x)

@@ -127,7 +127,14 @@ def validate(
     channels_last: bool,
     progress: bool,
 ) -> MetaTestResult:
-    """Meta-test the current backbone on the fixed val episodes (split across ranks)."""
+    """Meta-test the current backbone on the fixed val episodes (split across ranks).
+
+    Only the images the episodes use are embedded (at most episodes × ways ×
+    (shots + queries): 8,000 for 100 1-shot episodes, against 124,261 images in
+    tieredImageNet's val split); features are per-image in eval mode, so the
+    result is that of embedding the whole split.
+    """
+    used = torch.unique(episodes)
     feats = extract_features(
         model.backbone,
         val_split,
@@ -137,9 +144,12 @@ def validate(
         channels_last,
         progress=progress,
         desc="val features",
+        indices=used.numpy(),
     )
     kill_point("val")
-    return meta_test_episodes(feats, episodes, cfg.val, cfg.finetune, progress, desc="val episodes")
+    local = torch.full((len(val_split),), -1, dtype=episodes.dtype)
+    local[used] = torch.arange(len(used), dtype=episodes.dtype)
+    return meta_test_episodes(feats, local[episodes], cfg.val, cfg.finetune, progress, desc="val episodes")
 
 
 def _check_resume_config(cfg: Config, ckpt: dict, path: Path) -> None:

@@ -184,3 +184,29 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     assert code == 0
     assert "novel classes, 5-way 1-shot: accuracy_mean" in out and "5-way 5-shot" in out
     assert (tmp_path / "demo" / "train.txt").read_text().count("\n") == 10
+
+
+def test_validation_embeds_only_the_episodes_images_with_the_full_split_result(tiny_cfg):
+    from negmargin.datasets import load_split
+    from negmargin.episodes import sample_episodes
+    from negmargin.heads import build_model
+    from negmargin.metatest import extract_features, meta_test_episodes
+    from negmargin.train import validate
+
+    cfg = tiny_cfg(val={"n_query": 2, "n_episodes": 3})
+    val = load_split(cfg, "val", progress=False)
+    episodes = sample_episodes(val.labels, 5, 1, 2, 3, 0, val.class_names)
+    used = torch.unique(episodes)
+    assert len(used) < len(val)  # the case where it matters: a subset of the split
+    torch.manual_seed(0)
+    model = build_model(cfg, 10)
+    cpu = torch.device("cpu")
+    sub = validate(model, val, cfg, cpu, episodes, None, False, False)
+    full = meta_test_episodes(
+        extract_features(model.backbone, val, cfg, cpu, progress=False),
+        episodes,
+        cfg.val,
+        cfg.finetune,
+        False,
+    )
+    np.testing.assert_array_equal(sub.accuracies, full.accuracies)
