@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negmargin.augment import normalize, sample_params, train_batch  # noqa: E402
 from negmargin.config import Config  # noqa: E402
+from negmargin.loader import cut_crops  # noqa: E402
 
 MEAN, STD = Config().data.mean, Config().data.std
 
@@ -52,14 +53,9 @@ def ours(
     heights = np.array([im.shape[0] for im in batch])
     widths = np.array([im.shape[1] for im in batch])
     params = sample_params(rng, heights, widths, cfg.augment)
-    hw = params.boxes[:, 2:]
-    buf = np.empty((len(batch), int(hw[:, 0].max()), int(hw[:, 1].max()), 3), np.uint8)
-    for b, (top, left, h, w) in enumerate(params.boxes):
-        buf[b, :h, :w] = batch[b][top : top + h, left : left + w]
-    x = train_batch(
-        torch.from_numpy(buf).to(device), torch.from_numpy(hw).to(device), params, cfg.augment, 84, MEAN, STD
-    )
-    return x
+    buf = cut_crops(batch, params.boxes)  # what the loader's threads do
+    hw = torch.from_numpy(params.boxes[:, 2:])
+    return train_batch(buf.to(device), hw.to(device), params, cfg.augment, 84, MEAN, STD)
 
 
 def main() -> None:

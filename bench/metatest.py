@@ -21,30 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negmargin.episodes import sample_episodes  # noqa: E402
-from negmargin.finetune import FinetuneSettings, episode_randomness, step_positions  # noqa: E402
+from negmargin.finetune import FinetuneSettings, episode_randomness  # noqa: E402
 from negmargin.metatest import run_episodes  # noqa: E402
-
-
-def reference_episode(support, labels, query, init, order, s: FinetuneSettings) -> torch.Tensor:
-    weight = nn.Parameter(init.clone())
-    opt = torch.optim.SGD(
-        [weight], lr=s.lr, momentum=s.momentum, dampening=s.dampening, weight_decay=s.weight_decay
-    )
-    for t in range(s.steps):
-        pos = step_positions(order[None], t, s.batch_size)[0]
-        logits = s.temperature * F.linear(F.normalize(support[pos]), F.normalize(weight))
-        loss = F.cross_entropy(logits, labels[pos])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return (s.temperature * F.linear(F.normalize(query), F.normalize(weight))).argmax(1)
+from tests.reference import reference_episode  # noqa: E402  (the reference the tests check against)
 
 
 def peak_rss_gib() -> float:
@@ -103,7 +86,7 @@ def main() -> None:
                 ep = episodes[e]
                 support = cpu_feats[ep[:, :shot].reshape(-1)]
                 query = cpu_feats[ep[:, shot:].reshape(-1)]
-                pred = reference_episode(support, sup_lab, query, init[e], orders[e], s)
+                _, pred = reference_episode(support, sup_lab, query, init[e], orders[e], s)
                 ref_acc = pred.eq(query_labels).double().mean().item() * 100
                 agree += int(abs(ref_acc - accs[e]) < 1e-9)
             per_episode = (time.perf_counter() - t0) / args.ref_episodes

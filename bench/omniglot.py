@@ -96,15 +96,13 @@ def one_run(args, head: str, margin: float, seed: int, out: Path) -> dict:
         overrides.append("model.temperature=1.0")
     cfg = replace(load_config(CONFIG, overrides), name=tag)
     if done.is_file():
-        result = json.loads(done.read_text())
-        if "final" not in result and (wd / "latest.pth").is_file():  # runs from before "final" existed
-            result["final"] = evaluate(cfg, wd / "latest.pth")
-            atomic_write_text(done, json.dumps(result, indent=1))
-        return result
+        return json.loads(done.read_text())
     t0 = time.time()
     summary = run(cfg, wd, progress=False)
     train_seconds = time.time() - t0
     best = evaluate(cfg, wd / "best_accuracy_mean.pth")
+    # The best checkpoint is often the last epoch's: the same weights, evaluated once.
+    final = best if best["epoch"] == cfg.train.epochs else evaluate(cfg, wd / "latest.pth")
     result = {
         "head": head,
         "margin": margin,
@@ -118,7 +116,7 @@ def one_run(args, head: str, margin: float, seed: int, out: Path) -> dict:
         "best_val_1shot": summary["best_accuracy_mean"],
         "best_epoch": summary["best_epoch"],
         "checkpoint_epoch": best["epoch"],
-        "final": evaluate(cfg, wd / "latest.pth"),
+        "final": final,
         "train_seconds": round(train_seconds, 1),
         "epochs": cfg.train.epochs,
     }
@@ -148,7 +146,7 @@ def view(r: dict, which: str) -> dict:
 def aggregate(results: list[dict]) -> list[dict]:
     rows = []
     for label, head, margin in SETTINGS:
-        rs = [r for r in results if r["head"] == head and r["margin"] == margin and "final" in r]
+        rs = [r for r in results if r["head"] == head and r["margin"] == margin]
         if not rs:
             continue
         row = {

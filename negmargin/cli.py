@@ -9,6 +9,7 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from collections.abc import Callable
@@ -155,32 +156,32 @@ def test_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------ negmargin command
 
 
-# Data settings of ``negmargin prepare DATASET`` without --config (the configs' values).
+# Settings of ``negmargin prepare DATASET`` without --config that differ from the
+# defaults (the omniglot config's values: they decide what the cache stores).
 PREPARE_DEFAULTS: dict[str, dict] = {
     "omniglot": {
-        "channels": 1,
-        "mean": (235.0,),
-        "std": (55.5,),
-        "image_size": 28,
-        "test_resize": 28,
-        "train_store_size": 28,
+        "data": {
+            "channels": 1,
+            "mean": (235.0,),
+            "std": (55.5,),
+            "image_size": 28,
+            "test_resize": 28,
+            "train_store_size": 28,
+        },
+        "augment": {"interpolation": "pil"},
     },
 }
 
 
 def _prepare(args) -> None:
-    from .config import Config, load_config
+    from .config import Config, apply_override, load_config
     from .datasets import load_split
 
     if args.config:
         cfg = load_config(args.config, list(args.cfg_options))
     else:
-        data = {"dataset": args.dataset, **PREPARE_DEFAULTS.get(args.dataset, {})}
-        raw = {"data": data}
-        if args.dataset == "omniglot":
-            raw["augment"] = {"interpolation": "pil"}
-        from .config import apply_override
-
+        raw = copy.deepcopy(PREPARE_DEFAULTS.get(args.dataset, {}))  # overrides edit it in place
+        raw.setdefault("data", {})["dataset"] = args.dataset
         for item in args.cfg_options:
             apply_override(raw, item)
         cfg = Config.from_dict(raw).validate()

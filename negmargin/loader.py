@@ -36,6 +36,28 @@ from .datasets import PackedSplit
 from .metatest import eval_view
 
 
+def cut_crops(images: list[np.ndarray], boxes: np.ndarray, pin: bool = False) -> Tensor:
+    """Cut box i out of image i into one buffer, what :func:`negmargin.augment.train_batch` takes.
+
+    Args:
+        images: B arrays (H_i, W_i, C) uint8 (memory-mapped cache views).
+        boxes: (B, 4) int (top, left, height, width).
+
+    Returns:
+        (B, max h, max w, C) uint8; crop i occupies ``[:h_i, :w_i]`` (the rest is
+        left uninitialised). Pinned when ``pin`` (for a non-blocking copy to a GPU).
+    """
+    hw = boxes[:, 2:]
+    channels = images[0].shape[2]
+    buf = torch.empty(
+        (len(images), int(hw[:, 0].max()), int(hw[:, 1].max()), channels), dtype=torch.uint8, pin_memory=pin
+    )
+    view = buf.numpy()
+    for b, (image, (top, left, h, w)) in enumerate(zip(images, boxes)):
+        view[b, :h, :w] = image[top : top + h, left : left + w]
+    return buf
+
+
 class EpochSampler:
     """Indices of each epoch for one rank, padded to whole batches."""
 
@@ -105,20 +127,12 @@ class TrainLoader:
             }
         rng = np.random.default_rng([cfg.train.seed, epoch, iteration, self.rank])
         params = sample_params(rng, self.packed.heights[idx], self.packed.widths[idx], cfg.augment)
-        hw = params.boxes[:, 2:]
-        buf = torch.empty(
-            (len(idx), int(hw[:, 0].max()), int(hw[:, 1].max()), self.cfg.data.channels),
-            dtype=torch.uint8,
-            pin_memory=self.pin,
-        )
-        view = buf.numpy()
-        for b, (i, (top, left, h, w)) in enumerate(zip(idx, params.boxes)):
-            view[b, :h, :w] = self.packed.image(int(i))[top : top + h, left : left + w]
+        buf = cut_crops([self.packed.image(int(i)) for i in idx], params.boxes, self.pin)
         return {
             "pixels": buf,
             "labels": labels,
             "params": params,
-            "hw": torch.from_numpy(hw),
+            "hw": torch.from_numpy(params.boxes[:, 2:]),
             "cpu_time": time.perf_counter() - t0,
         }
 

@@ -134,7 +134,7 @@ def validate(
     tieredImageNet's val split); features are per-image in eval mode, so the
     result is that of embedding the whole split.
     """
-    used = torch.unique(episodes)
+    used, local = torch.unique(episodes, return_inverse=True)  # local: episodes re-indexed into used
     feats = extract_features(
         model.backbone,
         val_split,
@@ -147,9 +147,7 @@ def validate(
         indices=used.numpy(),
     )
     kill_point("val")
-    local = torch.full((len(val_split),), -1, dtype=episodes.dtype)
-    local[used] = torch.arange(len(used), dtype=episodes.dtype)
-    return meta_test_episodes(feats, local[episodes], cfg.val, cfg.finetune, progress, desc="val episodes")
+    return meta_test_episodes(feats, local, cfg.val, cfg.finetune, progress, desc="val episodes")
 
 
 def _check_resume_config(cfg: Config, ckpt: dict, path: Path) -> None:

@@ -3,8 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from negmargin.config import EvalConfig, FinetuneConfig
 from negmargin.episodes import sample_episodes
@@ -19,34 +17,7 @@ from negmargin.finetune import (
 )
 from negmargin.metatest import MetaTestResult, meta_test, run_episodes
 
-
-class CosineHead(nn.Module):
-    def __init__(self, weight: torch.Tensor, temperature: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.clone())
-        self.temperature = temperature
-
-    def forward(self, x):
-        return self.temperature * F.linear(F.normalize(x), F.normalize(self.weight))
-
-
-def reference_episode(support, labels, query, init, order, s: FinetuneSettings):
-    """One episode the simple way: nn.Module head, torch.optim.SGD, mini-batches of 4."""
-    head = CosineHead(init, s.temperature)
-    opt = torch.optim.SGD(
-        head.parameters(), lr=s.lr, momentum=s.momentum, dampening=s.dampening, weight_decay=s.weight_decay
-    )
-    n = len(support)
-    per_pass = -(-n // s.batch_size)
-    for t in range(s.steps):
-        p, k = divmod(t, per_pass)
-        pos = order[p, k * s.batch_size : (k + 1) * s.batch_size]
-        loss = F.cross_entropy(head(support[pos]), labels[pos])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return head.weight.detach(), head(query).argmax(1)
+from .reference import reference_episode
 
 
 @pytest.mark.parametrize(("dim", "shot"), [(1600, 1), (1600, 5), (640, 1), (640, 5)])
