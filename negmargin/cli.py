@@ -22,7 +22,12 @@ def _guard(fn: Callable[[], int | None]) -> int:
     from . import distributed as dist
 
     try:
-        return int(fn() or 0)
+        code = int(fn() or 0)
+        # Under torchrun, leave together: a rank that tears its process group down
+        # while another is still finishing (rank 0 writing checkpoints) was seen to
+        # abort at exit once in CI (gloo, SIGABRT). No-op outside torchrun.
+        dist.barrier()
+        return code
     except (UserError, NonFiniteLossError) as exc:
         rank = f"[rank {dist.rank()}] " if dist.world_size() > 1 else ""
         print(f"error: {rank}{exc}", file=sys.stderr)
