@@ -1,19 +1,28 @@
 """Meta-test engine speed: batched small-basis fine-tune vs the one-episode reference.
 
-    python bench/metatest.py [--episodes 2000] [--ref-episodes 40] [--device cpu]
+    python bench/metatest.py [--episodes 2000] [--ref-episodes 40] [--device cpu] [--loaded]
 
 On random ReLU features (20 classes × 600 images, as a miniImageNet test split),
 2000 5-way episodes with 15 queries, 1-shot (150 steps) and 5-shot (600 steps),
 at 1600-d (Conv4) and 640-d (ResNet12). The reference is the plain loop the
 reference implementation runs per episode (a fresh head module, torch.optim.SGD,
-mini-batches of 4); it is timed on --ref-episodes episodes and scaled to 2000
-(its cost per episode is constant). Prints one line per case with both times,
-the ratio, and the process's peak RSS. All numbers of a row come from one run.
+mini-batches of 4, on one thread: its ops are too small to gain from more); it is
+timed on --ref-episodes episodes and scaled to 2000 (its cost per episode is
+constant). Prints one line per case with both times, the ratio, and the
+process's peak RSS. All numbers of a row come from one run.
+
+``--loaded`` measures every case twice: on an idle machine, and while a second
+process keeps one core busy (a plain CPU burner the bench starts and stops), as a
+shared server or a laptop always is. ``--variants`` adds two other ways to run the
+engine on a CPU, to show why the default is what it is: ``ops on all cores`` (one
+chunk at a time, each op split over torch's threads: the engine before this
+choice) and ``one thread`` (everything on one core).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
 import time
@@ -26,12 +35,110 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negmargin.episodes import sample_episodes  # noqa: E402
 from negmargin.finetune import FinetuneSettings, episode_randomness  # noqa: E402
-from negmargin.metatest import run_episodes  # noqa: E402
-from tests.reference import reference_episode  # noqa: E402  (the reference the tests check against)
+from negmargin.metatest import intra_op_threads, run_episodes  # noqa: E402
+from negmargin.testing import reference_episode  # noqa: E402  (the reference the tests check against)
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _burn() -> None:
+    while True:
+        pass
+
+
+class CpuBurner:
+    """A second process spinning on one core for the duration of a ``with`` block."""
+
+    def __enter__(self):
+        self.proc = multiprocessing.get_context("spawn").Process(target=_burn, daemon=True)
+        self.proc.start()
+        time.sleep(0.5)  # let it reach the loop
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.join()
+
+
+def time_engine(feats, episodes, ids, shot, s, device, variant: str = "default") -> tuple[float, np.ndarray]:
+    def call():
+        if variant == "ops on all cores":
+            return run_episodes(feats, episodes, ids, shot, s, chunk_size=1024, threads=1)
+        if variant == "one thread":
+            with intra_op_threads(1):
+                return run_episodes(feats, episodes, ids, shot, s, threads=1)
+        return run_episodes(feats, episodes, ids, shot, s)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    accs = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, accs
+
+
+def time_reference(feats, episodes, shot, s, dim, accs, n_ref: int) -> tuple[float, int]:
+    """Seconds per episode of the one-episode loop, and on how many episodes it agrees."""
+    n = 5 * shot
+    init, orders = episode_randomness(torch.arange(n_ref), 5, dim, n, s)
+    sup_lab = torch.arange(5).repeat_interleave(shot)
+    query_labels = torch.arange(5).repeat_interleave(15)
+    cpu_feats = feats.cpu()
+    with intra_op_threads(1):
+        warm = episodes[-1]  # one untimed episode: first-call overheads are not per-episode cost
+        reference_episode(
+            cpu_feats[warm[:, :shot].reshape(-1)],
+            sup_lab,
+            cpu_feats[warm[:, shot:].reshape(-1)],
+            init[0],
+            orders[0],
+            s,
+        )
+        t0 = time.perf_counter()
+        agree = 0
+        for e in range(n_ref):
+            ep = episodes[e]
+            _, pred = reference_episode(
+                cpu_feats[ep[:, :shot].reshape(-1)],
+                sup_lab,
+                cpu_feats[ep[:, shot:].reshape(-1)],
+                init[e],
+                orders[e],
+                s,
+            )
+            ref_acc = pred.eq(query_labels).double().mean().item() * 100
+            agree += int(abs(ref_acc - accs[e]) < 1e-9)
+    return (time.perf_counter() - t0) / n_ref, agree
+
+
+def measure(args, device, condition: str, variants: list[str]) -> None:
+    labels = np.repeat(np.arange(20), 600)
+    for dim in (1600, 640):
+        torch.manual_seed(dim)
+        feats = torch.relu(torch.randn(len(labels), dim)).to(device)
+        for shot in (1, 5):
+            s = FinetuneSettings(steps=150 if shot == 1 else 600)
+            episodes = sample_episodes(labels, 5, shot, 15, args.episodes, seed=0)
+            ids = torch.arange(args.episodes)
+            batched, accs = time_engine(feats, episodes, ids, shot, s, device)
+            others = []
+            for v in variants:
+                t, other = time_engine(feats, episodes, ids, shot, s, device, v)
+                assert np.array_equal(other, accs), f"{v}: different accuracies"
+                others.append(f"{v}: {t:.2f} s")
+            per_episode, agree = time_reference(feats, episodes, shot, s, dim, accs, args.ref_episodes)
+            reference = per_episode * args.episodes
+            print(
+                f"{condition:<7} {dim}-d {shot}-shot{'':<3} {batched:>11.2f} {reference:>14.1f} "
+                f"{reference / batched:>6.0f}x {per_episode * 1000:>17.1f} {accs.mean():>10.2f}% "
+                f"{peak_rss_gib():>15.2f}   (same accuracy on {agree}/{args.ref_episodes}"
+                + (f"; {', '.join(others)}" if others else "")
+                + ")",
+                flush=True,
+            )
 
 
 def main() -> None:
@@ -41,62 +148,21 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=2000)
     parser.add_argument("--ref-episodes", type=int, default=40)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loaded", action="store_true", help="also measure with one core kept busy")
+    parser.add_argument("--variants", action="store_true", help="also time the other CPU parallelisms")
     parser.add_argument("--no-end-to-end", action="store_true", help="skip the whole test.py timing")
     args = parser.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    labels = np.repeat(np.arange(20), 600)
+    variants = ["ops on all cores", "one thread"] if args.variants and device.type == "cpu" else []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
     print(
-        f"{'case':<18} {'batched (s)':>11} {'reference (s)':>14} {'ratio':>7} {'ref/episode (ms)':>17} "
-        f"{'acc batched':>11} {'peak RSS (GiB)':>15}"
+        f"{'machine':<7} {'case':<14} {'batched (s)':>11} {'reference (s)':>14} {'ratio':>7} "
+        f"{'ref/episode (ms)':>17} {'acc batched':>11} {'peak RSS (GiB)':>15}"
     )
-    for dim in (1600, 640):
-        feats = torch.relu(torch.randn(len(labels), dim)).to(device)
-        for shot in (1, 5):
-            steps = 150 if shot == 1 else 600
-            s = FinetuneSettings(steps=steps)
-            episodes = sample_episodes(labels, 5, shot, 15, args.episodes, seed=0)
-            ids = torch.arange(args.episodes)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            accs = run_episodes(feats, episodes, ids, shot, s)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            batched = time.perf_counter() - t0
-
-            n = 5 * shot
-            init, orders = episode_randomness(ids[: args.ref_episodes], 5, dim, n, s)
-            sup_lab = torch.arange(5).repeat_interleave(shot)
-            query_labels = torch.arange(5).repeat_interleave(15)
-            cpu_feats = feats.cpu()
-            warm = episodes[-1]  # one untimed episode: first-call overheads are not per-episode cost
-            reference_episode(
-                cpu_feats[warm[:, :shot].reshape(-1)],
-                sup_lab,
-                cpu_feats[warm[:, shot:].reshape(-1)],
-                init[0],
-                orders[0],
-                s,
-            )
-            t0 = time.perf_counter()
-            agree = 0
-            for e in range(args.ref_episodes):
-                ep = episodes[e]
-                support = cpu_feats[ep[:, :shot].reshape(-1)]
-                query = cpu_feats[ep[:, shot:].reshape(-1)]
-                _, pred = reference_episode(support, sup_lab, query, init[e], orders[e], s)
-                ref_acc = pred.eq(query_labels).double().mean().item() * 100
-                agree += int(abs(ref_acc - accs[e]) < 1e-9)
-            per_episode = (time.perf_counter() - t0) / args.ref_episodes
-            reference = per_episode * args.episodes
-            print(
-                f"{dim}-d {shot}-shot{'':<8} {batched:>11.2f} {reference:>14.1f} {reference / batched:>6.0f}x "
-                f"{per_episode * 1000:>17.1f} {accs.mean():>10.2f}% {peak_rss_gib():>15.2f}"
-                f"   (reference scaled from {args.ref_episodes} episodes; same accuracy on "
-                f"{agree}/{args.ref_episodes})"
-            )
+    measure(args, device, "idle", variants)
+    if args.loaded:
+        with CpuBurner():
+            measure(args, device, "loaded", variants)
 
 
 def end_to_end(tmp: Path) -> None:
@@ -146,3 +212,7 @@ if __name__ == "__main__":
 
         with tempfile.TemporaryDirectory() as tmp:
             end_to_end(Path(tmp))
+            if "--loaded" in sys.argv:
+                with CpuBurner():
+                    print("with one core kept busy:")
+                    end_to_end(Path(tmp))

@@ -109,7 +109,7 @@ def dataloader_batches(dl, memory_format):
             yield x.contiguous(memory_format=memory_format), y
 
 
-def timed_steps(step, batches, warmup: int, steps: int) -> float:
+def timed_steps(step, batches, warmup: int, steps: int, batch_size: int = 64) -> float:
     """Images/s over ``steps`` consecutive steps after ``warmup`` (wall time, data waits included)."""
     it = iter(batches)
     for _ in range(warmup):
@@ -117,7 +117,7 @@ def timed_steps(step, batches, warmup: int, steps: int) -> float:
     t0 = time.perf_counter()
     for _ in range(steps):
         step(*next(it))
-    return 64 * steps / (time.perf_counter() - t0)
+    return batch_size * steps / (time.perf_counter() - t0)
 
 
 def main() -> None:

@@ -141,7 +141,8 @@ class FinetuneConfig:
     batch_size: int = 4
     temperature: float = 5.0
     seed: int = 0  # head init and support shuffling
-    chunk_size: int = 0  # episodes fine-tuned at once; 0 = chosen from memory
+    chunk_size: int = 0  # episodes fine-tuned at once; 0 = chosen from memory and cores
+    threads: int = 0  # chunks fine-tuned at once on a CPU, one core each; 0 = all of torch's threads
     feature_batch_size: int = 128  # images per forward pass when extracting
 
 
@@ -375,6 +376,12 @@ def _check_values(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be a positive integer, got {value}")
+    for key in ("chunk_size", "threads"):
+        if getattr(cfg.finetune, key) < 0:
+            raise ConfigError(
+                f"config key 'finetune.{key}' must be 0 (automatic) or a positive integer, "
+                f"got {getattr(cfg.finetune, key)}"
+            )
     for section in ("val", "meta_test"):
         if getattr(cfg, section).n_way < 2:
             raise ConfigError(f"config key '{section}.n_way' must be at least 2")

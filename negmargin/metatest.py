@@ -9,6 +9,8 @@ the same per-episode accuracies.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from .finetune import FinetuneSettings, compute_grams, episode_randomness, finet
 from .resample import resize_array
 
 Z_95 = 1.96
+CHUNKS_PER_WORKER = 4  # chunks per core: balance when a core is shared with other work
+CHUNKS_MIN = 64  # episodes per chunk at least: smaller chunks pay Python's per-op cost
 
 
 @dataclass
@@ -89,6 +93,28 @@ def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes:
     return max(16, min(1024, budget_bytes // per_episode))
 
 
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Run torch's CPU ops on ``n`` threads inside the block, then restore the setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def engine_workers(device: torch.device, threads: int = 0) -> int:
+    """How many chunks of episodes are fine-tuned at once (``finetune.threads``; 0 = auto).
+
+    Auto: on a GPU one (the device parallelises each op); on a CPU one per core
+    torch may use. See :func:`run_episodes` for why the cores take whole chunks.
+    """
+    if threads:
+        return threads
+    return 1 if device.type != "cpu" else max(1, torch.get_num_threads())
+
+
 def run_episodes(
     features: Tensor,
     episodes: Tensor,
@@ -98,28 +124,44 @@ def run_episodes(
     chunk_size: int = 0,
     progress: bool = False,
     desc: str = "meta-test",
+    threads: int = 0,
 ) -> np.ndarray:
     """Fine-tune and score every episode.
+
+    Parallelism on a CPU: every op of the per-episode algebra runs on one core, and
+    the cores fine-tune different chunks of episodes at the same time (torch releases
+    the GIL inside its kernels). The ops work on matrices of a few dozen rows, so
+    splitting each over all cores costs more in synchronisation than it gains, and
+    on a busy machine every split op waits for the slowest core; whole chunks per
+    core degrade gracefully instead (measured in bench/metatest.py, idle and loaded).
+    The chunks are several per core, so a core slowed by another process takes fewer.
 
     Args:
         features: (N, D) features of the split (any device).
         episodes: (E, n_way, n_shot + n_query) indices into ``features``.
         episode_ids: (E,) global ids, seeding each episode's head init and batch order.
+        threads: chunks fine-tuned at once; 0 = :func:`engine_workers`' choice.
 
     Returns:
-        (E,) accuracy in percent over each episode's queries.
+        (E,) accuracy in percent over each episode's queries (independent of
+        ``chunk_size`` and ``threads``: each episode's numbers depend only on its id).
     """
     E, n_way, per_class = episodes.shape
     n_query = per_class - n_shot
     n = n_way * n_shot
     device = features.device
     dim = features.shape[1]
-    chunk = chunk_size or auto_chunk(n, n_way * n_query, n_way, dim)
+    workers = engine_workers(device, threads)
+    chunk = chunk_size or min(
+        auto_chunk(n, n_way * n_query, n_way, dim),
+        max(CHUNKS_MIN, math.ceil(E / (CHUNKS_PER_WORKER * workers))),
+    )
     support_labels = torch.arange(n_way, device=device).repeat_interleave(n_shot)
     query_labels = torch.arange(n_way, device=device).repeat_interleave(n_query)
     out = np.empty(E, dtype=np.float64)
     bar = tqdm(total=E, desc=desc, unit="episode", disable=not progress, dynamic_ncols=True, leave=False)
-    for start in range(0, E, chunk):
+
+    def one_chunk(start: int) -> None:
         stop = min(start + chunk, E)
         ep = episodes[start:stop].to(device)
         m = stop - start
@@ -131,6 +173,14 @@ def run_episodes(
         pred = query_scores(grams, head).argmax(-1)
         out[start:stop] = (pred == query_labels).double().mean(-1).mul(100).cpu().numpy()
         bar.update(m)
+
+    starts = range(0, E, chunk)
+    if workers == 1 or len(starts) == 1:
+        for start in starts:
+            one_chunk(start)
+    else:
+        with intra_op_threads(1), cf.ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one_chunk, starts))  # list(): re-raise a chunk's exception here
     bar.close()
     return out
 
@@ -158,6 +208,7 @@ def meta_test_episodes(
         ft.chunk_size,
         progress=progress and rank == 0,
         desc=desc,
+        threads=ft.threads,
     )
     if world > 1:
         full = np.empty(len(episodes), dtype=np.float64)

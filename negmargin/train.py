@@ -378,9 +378,11 @@ def run(
 
             last_epoch = epoch + 1 == cfg.train.epochs
             if (epoch + 1) % cfg.val.interval == 0 or last_epoch:
+                t_val = time.perf_counter()
                 result = validate(
                     model, val_split, cfg, device, val_episodes, autocast_dtype, channels_last, show
                 )
+                val_seconds = time.perf_counter() - t_val
                 improved = best is None or result.mean > best
                 if improved:
                     best, best_epoch = result.mean, epoch + 1
@@ -394,6 +396,7 @@ def run(
                     accuracy_mean=result.mean,
                     accuracy_ci95=result.ci95,
                     best=best,
+                    seconds=round(val_seconds, 2),
                 )
                 log.info(
                     f"Epoch(val) [{epoch + 1}]  {result.line()}"

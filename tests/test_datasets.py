@@ -140,6 +140,42 @@ def test_mini_imagenet_layouts(tmp_path, layout):
                 assert np.array_equal(read_image(path), expected[filename])
 
 
+def test_mini_imagenet_base_holdout_splits_each_class_and_keeps_its_own_cache(tmp_path):
+    root = tmp_path / "mini_imagenet"
+    root.mkdir()
+    rows = write_csvs(root, per_class=5)
+    rng = np.random.default_rng(2)
+    for split in WNIDS:
+        for filename, _ in rows[split]:
+            save_image(root / "images" / filename, rng, fmt="PNG")
+    plain = cfg_for("mini_imagenet", root, tmp_path)
+    held = cfg_for("mini_imagenet", root, tmp_path, options={"base_holdout": 2})
+    names = lambda src: [Path(p).name for p in src.items]  # noqa: E731
+    full = read_source(plain, "train")
+    train, holdout = read_source(held, "train"), read_source(held, "train_holdout")
+    # the last 2 csv rows of every class are held out; together they are the whole train.csv
+    assert names(holdout) == [f"{w}{i:08d}.jpg" for w in WNIDS["train"] for i in (4, 5)]
+    assert names(train) == [f"{w}{i:08d}.jpg" for w in WNIDS["train"] for i in (1, 2, 3)]
+    assert sorted(names(train) + names(holdout)) == sorted(names(full))
+    assert holdout.class_names == train.class_names == WNIDS["train"]
+    assert list(holdout.labels) == [0, 0, 1, 1]
+    assert read_source(held, "val").items == read_source(plain, "val").items  # only train is split
+    # the full and the reduced train split are cached side by side (no rebuild when switching)
+    packed_full, packed_train = (
+        load_split(plain, "train", progress=False),
+        load_split(held, "train", progress=False),
+    )
+    assert (len(packed_full), len(packed_train)) == (10, 6)
+    assert packed_full.folder != packed_train.folder
+    assert len(load_split(plain, "train", progress=False)) == 10
+    with pytest.raises(DataError, match="train_holdout needs data.options.base_holdout"):
+        read_source(plain, "train_holdout")
+    with pytest.raises(DataError, match="base_holdout=5 leaves no training image"):
+        read_source(cfg_for("mini_imagenet", root, tmp_path, options={"base_holdout": 5}), "train")
+    with pytest.raises(DataError, match="takes the data.options base_holdout only"):
+        read_source(cfg_for("mini_imagenet", root, tmp_path, options={"rotations": True}), "train")
+
+
 def test_mini_imagenet_errors(tmp_path):
     root = tmp_path / "m"
     with pytest.raises(DataError, match="miniImageNet root .* does not exist"):

@@ -16,8 +16,7 @@ from negmargin.finetune import (
     step_positions,
 )
 from negmargin.metatest import MetaTestResult, meta_test, run_episodes
-
-from .reference import reference_episode
+from negmargin.testing import reference_episode
 
 
 @pytest.mark.parametrize(("dim", "shot"), [(1600, 1), (1600, 5), (640, 1), (640, 5)])

@@ -34,6 +34,9 @@ class SplitSource:
         rotations: (n,) number of 90° turns to apply after decoding (Omniglot's
             rotated classes), or None.
         metadata: extra per-class facts (e.g. tieredImageNet general categories).
+        cache_variant: a suffix of the cache folder's name for a reader option that
+            changes the split's contents (e.g. ``h60`` for 60 held-out images per
+            class), so that both versions of a split keep their own cache.
     """
 
     dataset: str
@@ -46,6 +49,7 @@ class SplitSource:
     decode: Callable[[Any], bytes | str] | None = None
     rotations: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    cache_variant: str = ""
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)

@@ -183,7 +183,8 @@ def prepare(
     progress: bool = True,
 ) -> PackedSplit:
     """Return the packed cache of ``source``, building it first if it is missing or stale."""
-    folder = Path(cache_dir) / f"{source.dataset}-{source.split}-{policy.tag()}"
+    variant = f"-{source.cache_variant}" if source.cache_variant else ""
+    folder = Path(cache_dir) / f"{source.dataset}-{source.split}{variant}-{policy.tag()}"
     if is_current(folder, source, policy):
         return PackedSplit(folder)
     try:

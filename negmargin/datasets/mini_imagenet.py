@@ -9,6 +9,10 @@ ImageNet wnid) with the images in any of three layouts, detected in this order:
     class folder sorted by the number after the last ``_`` — the reference's mapping;
 (c) class folders anywhere under the root: ``<root>/**/<wnid>/<csv filename>``
     (e.g. ``train/n01532829/n0153282900000005.jpg``).
+
+``data.options.base_holdout=k`` (off by default, so the protocol stays exact)
+holds the last k csv rows of every base class out of ``train``; they form the
+split ``train_holdout``, on which a trained head's base-class accuracy is measured.
 """
 
 from __future__ import annotations
@@ -71,15 +75,45 @@ def _find_class_dirs(root: Path, wnids: set[str], max_depth: int = 4) -> dict[st
     return found
 
 
-def read_mini_imagenet(root: str | Path, split: str, **options) -> SplitSource:
+def holdout_rows(rows: list[tuple[str, str]], split: str, k: int) -> list[tuple[str, str]]:
+    """``train`` without / ``train_holdout`` with the last ``k`` rows of every class (csv order)."""
+    seen: dict[str, int] = {}
+    for _, w in rows:
+        seen[w] = seen.get(w, 0) + 1
+    small = [w for w, n in seen.items() if n <= k]
+    if small:
+        raise DataError(
+            f"data.options.base_holdout={k} leaves no training image for class(es) {', '.join(small[:5])} "
+            f"(they have {min(seen[w] for w in small)} rows in train.csv)"
+        )
+    position: dict[str, int] = {}
+    out = []
+    for f, w in rows:
+        position[w] = position.get(w, 0) + 1
+        held = position[w] > seen[w] - k
+        if held == (split == "train_holdout"):
+            out.append((f, w))
+    return out
+
+
+def read_mini_imagenet(root: str | Path, split: str, base_holdout: int = 0, **options) -> SplitSource:
     if options:
-        raise DataError(f"the mini_imagenet reader takes no data.options, got {sorted(options)}")
+        raise DataError(
+            f"the mini_imagenet reader takes the data.options base_holdout only, got {sorted(options)}"
+        )
+    if not isinstance(base_holdout, int) or base_holdout < 0:
+        raise DataError(f"data.options.base_holdout must be an integer ≥ 0, got {base_holdout!r}")
+    if split == "train_holdout" and not base_holdout:
+        raise DataError("the split train_holdout needs data.options.base_holdout > 0")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"miniImageNet root '{root}' does not exist. {HOW}")
-    rows = read_csv(root / f"{split}.csv")
+    csv_split = "train" if split == "train_holdout" else split
+    rows = read_csv(root / f"{csv_split}.csv")
     if not rows:
-        raise DataError(f"'{root / f'{split}.csv'}' lists no images")
+        raise DataError(f"'{root / f'{csv_split}.csv'}' lists no images")
+    if base_holdout and csv_split == "train":
+        rows = holdout_rows(rows, split, base_holdout)
     others = {
         s: [w for _, w in read_csv(root / f"{s}.csv")]
         for s in ("train", "val", "test")
@@ -141,6 +175,15 @@ def read_mini_imagenet(root: str | Path, split: str, **options) -> SplitSource:
         class_names=class_names,
         labels=labels,
         items=str_paths,
-        layout=f"miniImageNet {split}.csv, {layout}",
-        fingerprint=listing_fingerprint([root / f"{split}.csv", *str_paths], extra="mini/" + split),
+        layout=f"miniImageNet {csv_split}.csv"
+        + (
+            f" ({'last' if split == 'train_holdout' else 'without the last'} {base_holdout} rows per class)"
+            if base_holdout and csv_split == "train"
+            else ""
+        )
+        + f", {layout}",
+        fingerprint=listing_fingerprint(
+            [root / f"{csv_split}.csv", *str_paths], extra=f"mini/{split}/h{base_holdout}"
+        ),
+        cache_variant=f"h{base_holdout}" if base_holdout and csv_split == "train" else "",
     )

@@ -1,15 +1,17 @@
-"""The plain one-episode fine-tune the batched engine is checked against.
+"""Reference implementations the fast paths are checked and timed against.
 
-Used by tests/test_finetune.py (exactness) and bench/metatest.py (the timing
-baseline), so both measure against the same code. No pytest import: the bench
-runs without the test extras.
+:func:`reference_episode` is the plain one-episode fine-tune, as the reference
+implementation runs each episode: used by tests/test_finetune.py (exactness),
+bench/metatest.py (the timing baseline) and bench/gpu_check.py, so all measure
+against the same code. It lives in the package (not under tests/) so that benches
+may import it without the test tree; no pytest import.
 """
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from negmargin.finetune import FinetuneSettings
+from .finetune import FinetuneSettings
 
 
 class CosineHead(nn.Module):
