@@ -104,6 +104,12 @@ def _read(path: Path) -> Any:
         raise CheckpointError(
             f"'{path}' is not a readable PyTorch checkpoint (truncated or corrupt?): {str(exc)[:160]}"
         ) from None
+    except Exception as exc:  # noqa: BLE001 — any other file makes the unpickler fail its own way
+        # (a short text file: IndexError from the weights-only unpickler's stack)
+        raise CheckpointError(
+            f"'{path}' is not a readable PyTorch checkpoint (another kind of file?): "
+            f"{type(exc).__name__}: {str(exc)[:120]}"
+        ) from None
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

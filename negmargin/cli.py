@@ -39,6 +39,31 @@ def _guard(fn: Callable[[], int | None]) -> int:
         dist.shutdown()
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors: ``error: argument --top-k: ...``, exit 2."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _checked(check: Callable, parse: Callable[[str], object] = int) -> Callable[[str], object]:
+    """An argparse type from one of predict's checks, so the CLI and the API refuse alike."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check("value", value)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc).replace("value ", "", 1)) from None
+
+    convert.__name__ = check.__name__  # argparse names the type in its messages
+    return convert
+
+
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="config file, e.g. configs/classification/neg_margin/cub/...py")
     parser.add_argument(
@@ -76,7 +101,7 @@ def _load(args) -> object:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description="Base-train a Neg-Margin model.")
+    parser = Parser(prog="train.py", description="Base-train a Neg-Margin model.")
     _common(parser)
     parser.add_argument("--resume-from", "--resume", dest="resume_from", help="checkpoint to resume from")
     parser.add_argument(
@@ -106,7 +131,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def test_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="test.py", description="Meta-test a checkpoint (5-way episodes).")
+    parser = Parser(prog="test.py", description="Meta-test a checkpoint (5-way episodes).")
     _common(parser)
     parser.add_argument("checkpoint", help="e.g. work_dir/<config name>/best_accuracy_mean.pth")
     parser.add_argument(
@@ -234,34 +259,75 @@ def _demo(args) -> None:
         print(f"  novel classes, {r.line()}   (chance: {100 / r.n_way:.0f}%)")
 
 
-def _predict(args) -> None:
-    from .predict import FewShotClassifier, collect_query_paths, write_predictions
+def _log(args) -> Callable[[str], None]:
+    return (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
 
+
+def _predict(args) -> None:
+    from .predict import (
+        FewShotClassifier,
+        check_output_path,
+        collect_query_paths,
+        summary_line,
+        write_predictions,
+    )
+
+    log = _log(args)
+    if args.out:
+        check_output_path(args.out)
+    paths, skipped = collect_query_paths(args.query)  # before any work: a typo fails in a second
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
-    clf.fit_folder(args.support, steps=args.steps)
-    paths = collect_query_paths(args.query)
-    table = clf.predict_paths(paths, top_k=args.top_k)
-    write_predictions(table, args.out, as_json=args.json, top_k=args.top_k)
+    clf.fit_folder(args.support, steps=args.steps, log=log)
+    rows, bad = clf.predict_rows(
+        paths,
+        top_k=args.top_k,
+        unknown_below=args.unknown_below,
+        batch_size=args.batch_size,
+        skip_bad=args.skip_bad_images,
+        progress=not args.quiet,
+    )
+    for report in (skipped.line("the query folders"), bad.line("the queries")):
+        if report:
+            print(report, file=sys.stderr)
+    write_predictions(rows, args.out, as_json=args.json, top_k=args.top_k, log=log)
+    log(summary_line(rows, bad))
 
 
 def _embed(args) -> None:
-    from .predict import FewShotClassifier, collect_query_paths
-
-    clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
-    paths = collect_query_paths(args.paths)
-    feats = clf.embed(paths)
     import numpy as np
 
     from .fileio import atomic_save
+    from .predict import FewShotClassifier, check_output_path, collect_query_paths
 
-    atomic_save(
-        args.out, lambda f: np.savez(f, features=feats.numpy(), paths=np.array([str(p) for p in paths]))
+    check_output_path(args.out)
+    paths, skipped = collect_query_paths(args.paths)
+    clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
+    feats, kept, bad = clf.embed_each(paths, args.batch_size, args.skip_bad_images, progress=not args.quiet)
+    for report in (skipped.line("the folders"), bad.line("the images")):
+        if report:
+            print(report, file=sys.stderr)
+    kept_paths = np.array([str(paths[i]) for i in kept])
+    atomic_save(args.out, lambda f: np.savez(f, features=feats.numpy(), paths=kept_paths))
+    print(f"wrote {len(kept)} × {feats.shape[1]} features to {args.out}")
+
+
+def _inference_options(p: argparse.ArgumentParser) -> None:
+    from .predict import positive_int
+
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--batch-size", type=_checked(positive_int), default=64, help="images per forward pass")
+    p.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip unreadable images (listed and counted) instead of stopping",
     )
-    print(f"wrote {len(paths)} × {feats.shape[1]} features to {args.out}")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="negmargin", description="Neg-Margin few-shot classification.")
+    parser = Parser(prog="negmargin", description="Neg-Margin few-shot classification.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("train", help="same as tools/classification/train.py", add_help=False)
@@ -288,25 +354,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
 
+    from .predict import positive_int, probability
+
     p = sub.add_parser("predict", help="few-shot prediction on your own images")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--support", required=True, help="folder with one sub-folder of labelled images per class")
-    p.add_argument("--query", required=True, nargs="+", help="image files or folders to classify")
+    _inference_options(p)
+    p.add_argument(
+        "--support",
+        required=True,
+        help="folder with one sub-folder of labelled images per class (nested folders read)",
+    )
+    p.add_argument(
+        "--query", required=True, nargs="+", help="image files or folders to classify (read recursively)"
+    )
     p.add_argument("--out", help="CSV (or JSON with --json) file to write")
     p.add_argument("--json", action="store_true", help="print/write JSON instead of a table/CSV")
-    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--top-k", type=_checked(positive_int), default=3, help="classes shown per image")
     p.add_argument(
-        "--steps", type=int, help="fine-tune steps (default: the protocol's rule for the support size)"
+        "--steps",
+        type=_checked(positive_int),
+        help="fine-tune steps (default: the protocol's rule for the support size, 150..600)",
     )
-    p.add_argument("--device", default="auto")
-    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
+    p.add_argument(
+        "--unknown-below",
+        type=_checked(probability, float),
+        metavar="P",
+        help="label a query 'unknown' when its best class probability is below P (open set)",
+    )
 
     p = sub.add_parser("embed", help="export backbone features of images to an .npz file")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("paths", nargs="+", help="image files or folders")
+    _inference_options(p)
+    p.add_argument("paths", nargs="+", help="image files or folders (read recursively)")
     p.add_argument("--out", required=True, help="output .npz (arrays: features, paths)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--config", help="config to use instead of the one stored in the checkpoint")
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "test"):

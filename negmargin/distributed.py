@@ -13,6 +13,8 @@ import os
 import torch
 import torch.distributed as td
 
+from .errors import UserError
+
 
 def is_initialized() -> bool:
     return td.is_available() and td.is_initialized()
@@ -83,11 +85,34 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 
 
 def local_device(requested: str) -> torch.device:
-    """The device this process should use: ``auto`` picks CUDA when present (per LOCAL_RANK)."""
+    """The device this process should use: ``auto`` picks CUDA when present (per LOCAL_RANK).
+
+    A device this machine or this torch build lacks, or a malformed name, is a
+    UserError naming it (not a torch assertion deep in the first ``.to()``).
+    """
     local = int(os.environ.get("LOCAL_RANK", 0))
     if requested == "auto":
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(requested)
-    if dev.type == "cuda" and dev.index is None:
+    try:
+        dev = torch.device(requested)
+    except (RuntimeError, ValueError, TypeError):
+        raise UserError(
+            f"device '{requested}' is not a device name; expected auto, cpu, cuda or cuda:N"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UserError(f"device '{requested}' is not supported; expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"device '{requested}' was asked for but CUDA is not available here (this torch build: "
+            f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu or auto"
+        )
+    if dev.index is None:
         dev = torch.device("cuda", local)
+    if dev.index >= torch.cuda.device_count():
+        raise UserError(
+            f"device '{requested}': this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 .. "
+            f"cuda:{torch.cuda.device_count() - 1})"
+        )
     return dev

@@ -24,9 +24,11 @@ from .runlog import RunLog
 from .train import resolve_channels_last, resolve_precision
 
 
-def load_trained_model(cfg: Config, checkpoint_path: str | Path, device: torch.device):
-    """The model of ``cfg`` with the checkpoint's weights, in eval mode."""
-    ckpt = load_checkpoint(checkpoint_path)
+def load_trained_model(
+    cfg: Config, checkpoint_path: str | Path, device: torch.device, ckpt: dict | None = None
+):
+    """The model of ``cfg`` with the checkpoint's weights, in eval mode (``ckpt``: already loaded)."""
+    ckpt = load_checkpoint(checkpoint_path) if ckpt is None else ckpt
     num_classes = int(ckpt.get("num_classes") or ckpt["model"]["head.weight"].shape[0])
     model = build_model(cfg, num_classes)
     load_model_weights(model, ckpt, checkpoint_path, cfg.model.backbone)

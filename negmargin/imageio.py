@@ -20,6 +20,8 @@ from .errors import DataError
 IMAGE_EXTENSIONS = (
     ".jpg",
     ".jpeg",
+    ".jpe",
+    ".jfif",
     ".png",
     ".bmp",
     ".gif",

@@ -18,15 +18,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
-from collections.abc import Sequence
-from dataclasses import replace
+from collections import Counter
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm import tqdm
 
 from .checkpoint import load_checkpoint
 from .config import Config, default_finetune_steps, load_config
@@ -38,6 +41,88 @@ from .imageio import is_image_file, read_image, to_array
 from .metatest import eval_view, settings_for, to_input
 
 ImageLike = str | Path | Image.Image | Tensor | np.ndarray
+UNKNOWN = "unknown"
+
+
+# ------------------------------------------------------------------ one validation layer
+# The CLI's argparse types and the Python API call the same checks, so a value is
+# refused with the same words wherever it comes from (the CLI names the flag, the API
+# the argument).
+
+
+def positive_int(name: str, value) -> int:
+    """``value`` as an int ≥ 1, or a UserError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def probability(name: str, value) -> float:
+    """``value`` as a float in (0, 1), or a UserError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not 0 < value < 1:
+        raise UserError(f"{name} must be a probability strictly between 0 and 1, got {value!r}")
+    return float(value)
+
+
+def check_output_path(path: str | Path, name: str = "--out") -> Path:
+    """Fail before any work if ``path`` cannot be written (names the user's path, not a temp file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{name} '{path}' is a folder; give a file name")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".negmargin-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write {name} '{path}': {exc.strerror or exc} in '{folder}'") from None
+    return path
+
+
+@dataclass
+class Skipped:
+    """Files left out, by reason, for the one-line report."""
+
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, reason: str, name: str) -> None:
+        self.reasons.setdefault(reason, []).append(name)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.reasons.values())
+
+    def line(self, where: str) -> str | None:
+        if not self.reasons:
+            return None
+        parts = []
+        for reason, names in self.reasons.items():
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            parts.append(f"{len(names)} {reason} ({shown})")
+        return f"skipped in {where}: " + "; ".join(parts)
+
+
+def list_images(folder: Path, skipped: Skipped) -> list[Path]:
+    """Every image file under ``folder``, sub-folders included, sorted.
+
+    What counts as an image, everywhere (support and query folders alike): a file
+    whose extension is one of :data:`negmargin.imageio.IMAGE_EXTENSIONS`. Hidden
+    files and folders (``.DS_Store``, ``.ipynb_checkpoints``) and other files are
+    left out and recorded in ``skipped``. A file named explicitly (not found in a
+    folder) is always decoded, whatever its extension.
+    """
+    out = []
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            if f.is_file():
+                skipped.add("hidden file(s)", str(f))
+        elif f.is_file():
+            if is_image_file(f):
+                out.append(f)
+            else:
+                skipped.add("file(s) without an image extension", str(f))
+    return out
 
 
 class FewShotClassifier:
@@ -47,7 +132,7 @@ class FewShotClassifier:
         self.backbone = backbone.eval()
         self.cfg = cfg
         self.device = device
-        self.classes: list[str] = []
+        self.classes: list = []  # the labels given to fit(), in their own type, first-seen order
         self._support: Tensor | None = None
         self._init: Tensor | None = None
         self._head = None
@@ -73,22 +158,20 @@ class FewShotClassifier:
             )
         dev = local_device(device)
         cfg = replace(cfg, train=replace(cfg.train, device=str(dev)))
-        model, _ = load_trained_model(cfg, path, dev)
+        model, _ = load_trained_model(cfg, path, dev, ckpt)
         return cls(model.backbone, cfg, dev)
 
     # ------------------------------------------------------------------ features
     def _to_array(self, image: ImageLike, name: str) -> np.ndarray:
         channels = self.cfg.data.channels
         if isinstance(image, (str, Path)):
-            path = Path(image)
-            if path.is_file() and not is_image_file(path):
-                raise DataError(
-                    f"'{path}' is not an image file (extension {path.suffix or 'none'}); "
-                    "remove it or pass image files only"
-                )
-            return read_image(path, channels)
+            return read_image(Path(image), channels)
         if isinstance(image, Image.Image):
             return to_array(image, channels)
+        if not isinstance(image, (Tensor, np.ndarray)):
+            raise DataError(
+                f"{name}: expected a file path, a PIL image, a tensor or an array, got {type(image).__name__}"
+            )
         arr = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
         if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
             arr = arr.transpose(1, 2, 0)  # (C, H, W) → (H, W, C)
@@ -106,88 +189,198 @@ class FewShotClassifier:
         return arr
 
     @torch.no_grad()
-    def embed(self, images: Sequence[ImageLike], batch_size: int = 64) -> Tensor:
-        """Backbone features of the images under the test transform: (N, D) float32, CPU."""
+    def embed_each(
+        self,
+        images: Sequence[ImageLike],
+        batch_size: int = 64,
+        skip_bad: bool = False,
+        progress: bool = False,
+    ) -> tuple[Tensor, list[int], Skipped]:
+        """Features of the images that decode, the positions they came from, and what was skipped.
+
+        With ``skip_bad`` an image that cannot be decoded is left out and recorded;
+        without it the first one raises a :class:`DataError` naming it.
+
+        Returns:
+            (M, D) float32 on the CPU, the M positions in ``images``, the skipped files.
+        """
+        batch_size = positive_int("batch_size", batch_size)
         cfg = self.cfg
-        out = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            views = [
-                eval_view(
-                    self._to_array(im, f"image {start + i}"),
-                    cfg.test_resize,
-                    cfg.data.image_size,
-                    cfg.augment.interpolation,
-                )
-                for i, im in enumerate(chunk)
-            ]
-            x = to_input(np.stack(views), cfg, self.device)
-            out.append(self.backbone(x).float().cpu())
-        if not out:
-            return torch.empty(0, 0)
-        return torch.cat(out)
+        skipped = Skipped()
+        out, kept = [], []
+        with tqdm(
+            total=len(images),
+            desc="embed",
+            unit="img",
+            disable=not progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            leave=False,
+        ) as bar:  # closed (its line cleared) on an error too, so the error line stands alone
+            for start in range(0, len(images), batch_size):
+                views = []
+                for i, im in enumerate(images[start : start + batch_size], start=start):
+                    try:
+                        arr = self._to_array(im, f"image {i}")
+                    except DataError as exc:
+                        if not skip_bad:
+                            raise
+                        name = str(im) if isinstance(im, (str, Path)) else f"image {i}: {exc}"
+                        skipped.add("unreadable image(s)", name)
+                        continue
+                    views.append(
+                        eval_view(arr, cfg.test_resize, cfg.data.image_size, cfg.augment.interpolation)
+                    )
+                    kept.append(i)
+                if views:
+                    x = to_input(np.stack(views), cfg, self.device)
+                    out.append(self.backbone(x).float().cpu())
+                bar.update(min(batch_size, len(images) - start))
+        feats = torch.cat(out) if out else torch.empty(0, 0)
+        return feats, kept, skipped
+
+    def embed(self, images: Sequence[ImageLike], batch_size: int = 64, progress: bool = False) -> Tensor:
+        """Backbone features of the images under the test transform: (N, D) float32, CPU."""
+        return self.embed_each(list(images), batch_size, progress=progress)[0]
 
     # ------------------------------------------------------------------ support / query
     def fit(
         self, images: Sequence[ImageLike], labels: Sequence, steps: int | None = None
     ) -> FewShotClassifier:
-        """Fine-tune a fresh head on labelled support images (≥ 2 classes, ≥ 1 image each)."""
+        """Fine-tune a fresh head on labelled support images (≥ 2 classes, ≥ 1 image each).
+
+        ``labels`` may be of any hashable type (strings, ints, ...); :meth:`predict`
+        returns them as given.
+        """
+        images, labels = list(images), list(labels)
         if len(images) != len(labels):
             raise UserError(f"fit: {len(images)} images but {len(labels)} labels")
-        classes = list(dict.fromkeys(str(label) for label in labels))
+        for label in labels:
+            if not isinstance(label, Hashable):
+                raise UserError(f"fit: labels must be hashable (str, int, ...), got {type(label).__name__}")
+        steps = default_finetune_steps(len(images)) if steps is None else positive_int("steps", steps)
+        classes = list(dict.fromkeys(labels))
         if len(classes) < 2:
             raise UserError(f"few-shot prediction needs at least 2 classes in the support set, got {classes}")
         index = {c: i for i, c in enumerate(classes)}
-        y = torch.tensor([index[str(label)] for label in labels])
-        feats = self.embed(list(images))
+        y = torch.tensor([index[label] for label in labels])
+        feats = self.embed(images)
         n, dim = feats.shape
-        ft = self.cfg.finetune
-        settings = settings_for(self.cfg.meta_test, ft)
-        settings = replace(settings, steps=steps or default_finetune_steps(n))
+        settings = replace(settings_for(self.cfg.meta_test, self.cfg.finetune), steps=steps)
         init, orders = episode_randomness([0], len(classes), dim, n, settings)
         grams = compute_grams(feats[None], init)
         self._head = finetune(grams, y[None], orders, settings)
         self._support, self._init, self.classes, self.settings = feats, init, classes, settings
         return self
 
-    def fit_folder(self, folder: str | Path, steps: int | None = None) -> FewShotClassifier:
-        """Support set from ``folder/<class name>/<images>``."""
-        paths, labels = read_support_folder(folder)
-        return self.fit(paths, labels, steps)
+    def fit_folder(self, folder: str | Path, steps: int | None = None, log=None) -> FewShotClassifier:
+        """Support set from ``folder/<class name>/<images>`` (sub-folders of a class included)."""
+        support = read_support_folder(folder)
+        self.fit(support.paths, support.labels, steps)
+        if log is not None:  # after the fit: an error stays the only line
+            log(support.line())
+            if len(support.skipped):
+                log(support.skipped.line("the support folder"))
+        return self
 
-    def predict_proba(self, images: Sequence[ImageLike]) -> Tensor:
-        """(N, K) softmax of T·cos over the fitted classes."""
+    def proba_of(self, features: Tensor) -> Tensor:
+        """(N, D) query features (from :meth:`embed`) → (N, K) softmax of T·cos over the fitted classes."""
         if self._head is None:
             raise UserError("call fit() (or fit_folder()) with a support set before predicting")
-        q = self.embed(list(images))
-        grams = compute_grams(self._support[None], self._init, q[None])
+        if features.numel() == 0:
+            return torch.empty(0, len(self.classes))
+        grams = compute_grams(self._support[None], self._init, features[None])
         cos = query_scores(grams, self._head)[0]
         return torch.softmax(self.settings.temperature * cos, dim=-1).float()
 
-    def predict(self, images: Sequence[ImageLike]) -> list[str]:
-        return [self.classes[i] for i in self.predict_proba(images).argmax(-1).tolist()]
+    def labels_of(self, proba: Tensor, unknown_below: float | None = None, unknown_label=UNKNOWN) -> list:
+        """The fitted label of each row's best class; ``unknown_label`` where its probability < threshold."""
+        if unknown_below is not None:
+            unknown_below = probability("unknown_below", unknown_below)
+        best_p, best = (
+            proba.max(-1) if len(proba) else (proba.new_empty(0), proba.new_empty(0, dtype=torch.long))
+        )
+        return [
+            unknown_label if unknown_below is not None and p < unknown_below else self.classes[i]
+            for p, i in zip(best_p.tolist(), best.tolist())
+        ]
 
-    def predict_paths(self, paths: Sequence[Path], top_k: int = 3) -> list[dict]:
-        probs = self.predict_proba(paths)
+    def predict_proba(self, images: Sequence[ImageLike]) -> Tensor:
+        """(N, K) softmax of T·cos over the fitted classes (columns in :attr:`classes` order)."""
+        if self._head is None:
+            raise UserError("call fit() (or fit_folder()) with a support set before predicting")
+        return self.proba_of(self.embed(images))
+
+    def predict(
+        self, images: Sequence[ImageLike], unknown_below: float | None = None, unknown_label=UNKNOWN
+    ) -> list:
+        """The fitted label of each image (in the type given to :meth:`fit`).
+
+        ``unknown_below``: an image whose best probability is below it gets
+        ``unknown_label`` instead (open set: images of none of the support classes).
+        To get labels and probabilities from one embedding, call :meth:`embed` once
+        and then :meth:`proba_of` and :meth:`labels_of`.
+        """
+        return self.labels_of(self.predict_proba(images), unknown_below, unknown_label)
+
+    def predict_rows(
+        self,
+        paths: Sequence[Path],
+        top_k: int = 3,
+        unknown_below: float | None = None,
+        batch_size: int = 64,
+        skip_bad: bool = False,
+        progress: bool = False,
+    ) -> tuple[list[dict], Skipped]:
+        """One row per readable image (path, predicted, probability, top-k), embedding each image once."""
+        top_k = positive_int("top_k", top_k)
+        feats, kept, skipped = self.embed_each(list(paths), batch_size, skip_bad, progress)
+        probs = self.proba_of(feats)
+        labels = self.labels_of(probs, unknown_below)
         k = min(top_k, len(self.classes))
         top_p, top_i = probs.topk(k, dim=-1)
         rows = []
-        for path, ps, ids in zip(paths, top_p.tolist(), top_i.tolist()):
+        for pos, label, ps, ids in zip(kept, labels, top_p.tolist(), top_i.tolist()):
             rows.append(
                 {
-                    "path": str(path),
-                    "predicted": self.classes[ids[0]],
+                    "path": str(paths[pos]),
+                    "predicted": label,
                     "probability": round(ps[0], 6),
                     "top_k": [
                         {"class": self.classes[i], "probability": round(p, 6)} for p, i in zip(ps, ids)
                     ],
                 }
             )
-        return rows
+        return rows, skipped
 
 
-def read_support_folder(folder: str | Path) -> tuple[list[Path], list[str]]:
-    """``folder/<class>/*`` → (paths, class names); clear errors for empty or odd folders."""
+@dataclass
+class SupportSet:
+    paths: list[Path]
+    labels: list[str]
+    folder: Path
+    nested: int  # images found in sub-folders of a class folder
+    skipped: Skipped
+
+    def line(self) -> str:
+        counts = Counter(self.labels)
+        text = (
+            f"support: {len(counts)} classes, {len(self.paths)} images "
+            f"({', '.join(f'{c} {n}' for c, n in counts.items())})"
+        )
+        if self.nested:
+            text += f"; {self.nested} of them in sub-folders of a class folder"
+        return text
+
+
+def read_support_folder(folder: str | Path) -> SupportSet:
+    """``folder/<class>/**`` → the support set; clear errors for empty or odd folders.
+
+    A class is a top-level sub-folder; its images are every image file under it,
+    sub-folders included (the same rule as for query folders: :func:`list_images`).
+    A file that is not an image is an error here, not a skip: the support set
+    defines the classes, and a stray file in it is a mistake to fix.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(
@@ -200,56 +393,84 @@ def read_support_folder(folder: str | Path) -> tuple[list[Path], list[str]]:
             f"support folder '{folder}' has {len(classes)} class folder(s); few-shot prediction "
             "needs at least 2 (one sub-folder of images per class)"
         )
-    paths, labels = [], []
+    paths, labels, nested, skipped = [], [], 0, Skipped()
     for c in classes:
-        files = sorted(p for p in c.iterdir() if p.is_file() and not p.name.startswith("."))
-        for f in files:
-            if not is_image_file(f):
-                raise DataError(f"'{f}' in the support set is not an image file; remove it or move it out")
+        mine = Skipped()
+        files = list_images(c, mine)
+        strays = mine.reasons.get("file(s) without an image extension", [])
+        if strays:
+            raise DataError(
+                f"'{strays[0]}' in the support set is not an image file; remove it or move it out"
+            )
+        for reason, names in mine.reasons.items():
+            for name in names:
+                skipped.add(reason, name)
         if not files:
             raise DataError(f"class folder '{c}' is empty; add at least one image or remove the folder")
+        nested += sum(f.parent != c for f in files)
         paths += files
         labels += [c.name] * len(files)
-    return paths, labels
+    return SupportSet(paths, labels, folder, nested, skipped)
 
 
-def collect_query_paths(items: Sequence[str | Path]) -> list[Path]:
-    """Files as given; folders expanded (recursively) to their image files, sorted."""
+def collect_query_paths(items: Sequence[str | Path]) -> tuple[list[Path], Skipped]:
+    """Files as given; folders expanded (recursively, :func:`list_images`) to their image files."""
     out: list[Path] = []
+    skipped = Skipped()
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out += sorted(
-                f for f in p.rglob("*") if f.is_file() and is_image_file(f) and not f.name.startswith(".")
-            )
+            out += list_images(p, skipped)
         elif p.is_file():
             out.append(p)
         else:
             raise DataError(f"query '{p}' does not exist")
     if not out:
-        raise DataError(f"no query images found in {', '.join(map(str, items))}")
-    return out
+        raise DataError(
+            f"no query images found in {', '.join(map(str, items))}"
+            + (f" ({skipped.line('the query folders')})" if len(skipped) else "")
+        )
+    return out, skipped
 
 
-def write_predictions(rows: list[dict], out: str | Path | None, as_json: bool, top_k: int) -> None:
-    """Print a short table (or JSON) and write CSV/JSON to ``out`` if given."""
+def summary_line(rows: list[dict], skipped: Skipped) -> str:
+    counts = Counter(str(r["predicted"]) for r in rows)
+    text = f"classified {len(rows)} images: " + ", ".join(f"{c} {n}" for c, n in counts.most_common())
+    bad = skipped.reasons.get("unreadable image(s)", [])
+    return text + (f"; {len(bad)} unreadable image(s) skipped" if bad else "")
+
+
+def write_predictions(
+    rows: list[dict],
+    out: str | Path | None,
+    as_json: bool,
+    top_k: int = 3,
+    log=lambda m: print(m, file=sys.stderr),
+) -> None:
+    """Print a table (or JSON) with the top-k classes and write CSV/JSON to ``out`` if given."""
     if as_json:
-        text = json.dumps(rows, indent=1)
-        print(text)
-    else:
+        print(json.dumps(rows, indent=1, default=str))
+    elif rows:
         width = min(60, max(len(r["path"]) for r in rows))
-        print(f"{'image':<{width}}  {'predicted':<20} {'prob':>6}")
+        k = max(len(r["top_k"]) for r in rows)
+        header = f"{'image':<{width}}  {'predicted':<20} {'prob':>6}"
+        if k > 1:
+            header += "  " + "  ".join(f"top{i}" for i in range(2, k + 1))
+        print(header)
         for r in rows:
-            print(f"{r['path'][-width:]:<{width}}  {r['predicted']:<20} {r['probability']:>6.3f}")
+            line = f"{r['path'][-width:]:<{width}}  {str(r['predicted']):<20} {r['probability']:>6.3f}"
+            if k > 1:
+                line += "  " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"][1:])
+            print(line)
     if out is None:
         return
     out = Path(out)
     if as_json or out.suffix.lower() == ".json":
-        atomic_write_text(out, json.dumps(rows, indent=1))
+        atomic_write_text(out, json.dumps(rows, indent=1, default=str))
     else:
         buf = io.StringIO()
         writer = csv.writer(buf)
-        k = max(len(r["top_k"]) for r in rows)
+        k = max((len(r["top_k"]) for r in rows), default=top_k)
         header = ["path", "predicted", "probability"]
         for i in range(1, k + 1):
             header += [f"top{i}_class", f"top{i}_probability"]
@@ -260,4 +481,4 @@ def write_predictions(rows: list[dict], out: str | Path | None, as_json: bool, t
                 row += [t["class"], t["probability"]]
             writer.writerow(row)
         atomic_write_text(out, buf.getvalue())
-    print(f"wrote {len(rows)} predictions to {out}", file=sys.stderr)
+    log(f"wrote {len(rows)} predictions to {out}")
