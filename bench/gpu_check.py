@@ -57,11 +57,12 @@ from negmargin.config import AugmentConfig, Config, load_config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
 from negmargin.datasets.demo import generate  # noqa: E402
 from negmargin.episodes import sample_episodes  # noqa: E402
-from negmargin.finetune import FinetuneSettings  # noqa: E402
-from negmargin.heads import build_model  # noqa: E402
+from negmargin.finetune import FinetuneConfig  # noqa: E402
 from negmargin.loader import TrainLoader  # noqa: E402
-from negmargin.metatest import run_episodes  # noqa: E402
-from negmargin.train import Trainee, run  # noqa: E402
+from negmargin.meta_test import run_episodes  # noqa: E402
+from negmargin.model import build_model  # noqa: E402
+from negmargin.runtime import Runtime  # noqa: E402
+from negmargin.train import run  # noqa: E402
 
 MINI_CONFIG = (
     REPO
@@ -154,9 +155,9 @@ def throughput(args, table: Table, device: torch.device, tmp: Path, smoke: bool)
             model = build_model(run_cfg, packed.num_classes).to(device)
             if bf16:
                 model = model.to(memory_format=torch.channels_last)
-            trainee = Trainee(model, torch.bfloat16 if bf16 else None)
+            rt = Runtime(device, precision, bf16)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-            step = functools.partial(train_step, trainee, opt, device)
+            step = functools.partial(train_step, model, opt, rt)
             steps = 2 if smoke else (args.steps if name == "conv4" else max(10, args.steps // 4))
             size = run_cfg.data.image_size
             fmt = torch.channels_last if bf16 else torch.contiguous_format
@@ -243,25 +244,25 @@ def meta_test_rows(args, table: Table, device: torch.device, smoke: bool) -> Non
         torch.manual_seed(dim)
         feats = torch.relu(torch.randn(len(labels), dim))
         for shot in (1, 5):
-            s = FinetuneSettings(steps=(150 if shot == 1 else 600) if not smoke else 10)
+            s, steps = FinetuneConfig(), ((150 if shot == 1 else 600) if not smoke else 10)
             episodes = sample_episodes(labels, 5, shot, 15, n_episodes, seed=0)
             ids = torch.arange(n_episodes)
             on_device = feats.to(device)
-            run_episodes(on_device, episodes[:8], ids[:8], shot, s)  # warm-up (kernels, allocator)
+            run_episodes(on_device, episodes[:8], ids[:8], shot, s, steps)  # warm-up (kernels, allocator)
             sync(device)
             reset_peak(device)
             t0 = time.perf_counter()
-            accs = run_episodes(on_device, episodes, ids, shot, s)
+            accs = run_episodes(on_device, episodes, ids, shot, s, steps)
             sync(device)
             seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            cpu = run_episodes(feats, episodes, ids, shot, s)
+            cpu = run_episodes(feats, episodes, ids, shot, s, steps)
             cpu_seconds = time.perf_counter() - t0
             differ = int((np.abs(accs - cpu) > 1e-9).sum())
             mem = peak_gib(device)
             table.add(
                 "meta-test",
-                f"{n_episodes} 5-way {shot}-shot episodes, {dim}-d, {s.steps} steps on {device.type}",
+                f"{n_episodes} 5-way {shot}-shot episodes, {dim}-d, {steps} steps on {device.type}",
                 round(seconds, 3),
                 "s",
                 f"CPU engine {cpu_seconds:.2f} s; accuracy {accs.mean():.2f} vs CPU {cpu.mean():.2f} "

@@ -45,9 +45,11 @@ sys.path.insert(0, str(REPO))
 
 from negmargin.config import Config, load_config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
-from negmargin.evaluate import load_trained_model  # noqa: E402
+from negmargin.features import extract_features  # noqa: E402
 from negmargin.fileio import atomic_write_text  # noqa: E402
-from negmargin.metatest import extract_features, meta_test  # noqa: E402
+from negmargin.meta_test import meta_test  # noqa: E402
+from negmargin.model import load_trained_model  # noqa: E402
+from negmargin.runtime import Runtime  # noqa: E402
 from negmargin.train import run  # noqa: E402
 
 CONFIGS = REPO / "configs/classification/neg_margin"
@@ -134,15 +136,16 @@ STUDIES = {
 
 def evaluate(cfg: Config, checkpoint: Path) -> dict:
     """Base-class accuracy on held-out images and novel 5-way 1-/5-shot of one checkpoint."""
-    device = torch.device("cpu")
-    model, ckpt = load_trained_model(cfg, checkpoint, device)
+    # fp32, contiguous inputs into the checkpoint's channels-last model: as the study always measured
+    cpu = Runtime(torch.device("cpu"), "fp32", channels_last=False)
+    model, ckpt = load_trained_model(cfg, checkpoint, cpu.device)
     holdout = load_split(cfg, "train_holdout", progress=False, log=lambda m: None)
-    feats = extract_features(model.backbone, holdout, cfg, device, progress=False)
+    feats = extract_features(model.backbone, holdout, cfg, cpu, progress=False)
     with torch.no_grad():  # head rows beyond the base classes never had a label (mini's 100 rows)
         pred = model.head.similarity(feats)[:, : holdout.num_classes].argmax(1).numpy()
     out = {"epoch": ckpt.get("epoch"), "base_accuracy": float((pred == holdout.labels).mean() * 100)}
     test = load_split(cfg, "test", progress=False, log=lambda m: None)
-    test_feats = extract_features(model.backbone, test, cfg, device, progress=False)
+    test_feats = extract_features(model.backbone, test, cfg, cpu, progress=False)
     for shot in (1, 5):
         ev = replace(cfg.meta_test, n_shot=shot, steps=None)
         r = meta_test(test_feats, test.labels, ev, cfg.finetune, test.class_names, progress=False)

@@ -26,6 +26,7 @@ import multiprocessing
 import resource
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negmargin.episodes import sample_episodes  # noqa: E402
-from negmargin.finetune import FinetuneSettings, episode_randomness  # noqa: E402
-from negmargin.metatest import intra_op_threads, run_episodes  # noqa: E402
+from negmargin.finetune import FinetuneConfig, episode_randomness  # noqa: E402
+from negmargin.meta_test import intra_op_threads, run_episodes  # noqa: E402
 from negmargin.testing import reference_episode  # noqa: E402  (the reference the tests check against)
 
 
@@ -62,14 +63,16 @@ class CpuBurner:
         self.proc.join()
 
 
-def time_engine(feats, episodes, ids, shot, s, device, variant: str = "default") -> tuple[float, np.ndarray]:
+def time_engine(
+    feats, episodes, ids, shot, s, steps, device, variant: str = "default"
+) -> tuple[float, np.ndarray]:
     def call():
         if variant == "ops on all cores":
-            return run_episodes(feats, episodes, ids, shot, s, chunk_size=1024, threads=1)
+            return run_episodes(feats, episodes, ids, shot, replace(s, chunk_size=1024, threads=1), steps)
         if variant == "one thread":
             with intra_op_threads(1):
-                return run_episodes(feats, episodes, ids, shot, s, threads=1)
-        return run_episodes(feats, episodes, ids, shot, s)
+                return run_episodes(feats, episodes, ids, shot, replace(s, threads=1), steps)
+        return run_episodes(feats, episodes, ids, shot, s, steps)
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -80,10 +83,10 @@ def time_engine(feats, episodes, ids, shot, s, device, variant: str = "default")
     return time.perf_counter() - t0, accs
 
 
-def time_reference(feats, episodes, shot, s, dim, accs, n_ref: int) -> tuple[float, int]:
+def time_reference(feats, episodes, shot, s, steps, dim, accs, n_ref: int) -> tuple[float, int]:
     """Seconds per episode of the one-episode loop, and on how many episodes it agrees."""
     n = 5 * shot
-    init, orders = episode_randomness(torch.arange(n_ref), 5, dim, n, s)
+    init, orders = episode_randomness(torch.arange(n_ref), 5, dim, n, s, steps)
     sup_lab = torch.arange(5).repeat_interleave(shot)
     query_labels = torch.arange(5).repeat_interleave(15)
     cpu_feats = feats.cpu()
@@ -96,6 +99,7 @@ def time_reference(feats, episodes, shot, s, dim, accs, n_ref: int) -> tuple[flo
             init[0],
             orders[0],
             s,
+            steps,
         )
         t0 = time.perf_counter()
         agree = 0
@@ -108,6 +112,7 @@ def time_reference(feats, episodes, shot, s, dim, accs, n_ref: int) -> tuple[flo
                 init[e],
                 orders[e],
                 s,
+                steps,
             )
             ref_acc = pred.eq(query_labels).double().mean().item() * 100
             agree += int(abs(ref_acc - accs[e]) < 1e-9)
@@ -120,16 +125,16 @@ def measure(args, device, condition: str, variants: list[str]) -> None:
         torch.manual_seed(dim)
         feats = torch.relu(torch.randn(len(labels), dim)).to(device)
         for shot in (1, 5):
-            s = FinetuneSettings(steps=150 if shot == 1 else 600)
+            s, steps = FinetuneConfig(), (150 if shot == 1 else 600)
             episodes = sample_episodes(labels, 5, shot, 15, args.episodes, seed=0)
             ids = torch.arange(args.episodes)
-            batched, accs = time_engine(feats, episodes, ids, shot, s, device)
+            batched, accs = time_engine(feats, episodes, ids, shot, s, steps, device)
             others = []
             for v in variants:
-                t, other = time_engine(feats, episodes, ids, shot, s, device, v)
+                t, other = time_engine(feats, episodes, ids, shot, s, steps, device, v)
                 assert np.array_equal(other, accs), f"{v}: different accuracies"
                 others.append(f"{v}: {t:.2f} s")
-            per_episode, agree = time_reference(feats, episodes, shot, s, dim, accs, args.ref_episodes)
+            per_episode, agree = time_reference(feats, episodes, shot, s, steps, dim, accs, args.ref_episodes)
             reference = per_episode * args.episodes
             print(
                 f"{condition:<7} {dim}-d {shot}-shot{'':<3} {batched:>11.2f} {reference:>14.1f} "

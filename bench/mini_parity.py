@@ -37,9 +37,11 @@ sys.path.insert(0, str(REPO))
 from negmargin.config import load_config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
 from negmargin.episodes import sample_episodes  # noqa: E402
-from negmargin.evaluate import load_trained_model  # noqa: E402
+from negmargin.features import extract_features  # noqa: E402
 from negmargin.fileio import atomic_write_text  # noqa: E402
-from negmargin.metatest import extract_features, meta_test_episodes  # noqa: E402
+from negmargin.meta_test import meta_test_episodes  # noqa: E402
+from negmargin.model import load_trained_model  # noqa: E402
+from negmargin.runtime import Runtime  # noqa: E402
 
 REFERENCE = {
     "label": "reference (mmfewshot v0.1.0), fp32",
@@ -68,13 +70,13 @@ def rescore(wd: Path, cfg, n_episodes: int) -> dict[int, dict]:
         val.labels, ev.n_way, ev.n_shot, ev.n_query, ev.n_episodes, ev.episode_seed, val.class_names
     )
     used, local = torch.unique(episodes, return_inverse=True)
-    device = torch.device("cpu")
+    cpu = Runtime(torch.device("cpu"), "fp32", channels_last=False)
     for path in sorted(wd.glob("epoch_*.pth"), key=lambda p: int(p.stem.split("_")[1])):
         epoch = int(path.stem.split("_")[1])
         if epoch in done:
             continue
-        model, _ = load_trained_model(cfg, path, device)
-        feats = extract_features(model.backbone, val, cfg, device, progress=False, indices=used.numpy())
+        model, _ = load_trained_model(cfg, path, cpu.device)
+        feats = extract_features(model.backbone, val, cfg, cpu, progress=False, indices=used.numpy())
         r = meta_test_episodes(feats, local, ev, cfg.finetune, progress=False)
         done[epoch] = {"mean": r.mean, "ci95": r.ci95}
         print(f"{wd.name} epoch {epoch}: {n_episodes} val episodes {r.mean:.2f} ± {r.ci95:.2f}", flush=True)

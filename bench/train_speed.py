@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from negmargin.augment import sample_params  # noqa: E402
 from negmargin.config import Config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
-from negmargin.heads import build_model  # noqa: E402
 from negmargin.loader import TrainLoader  # noqa: E402
-from negmargin.train import Trainee  # noqa: E402
+from negmargin.model import FewShotModel, build_model  # noqa: E402
+from negmargin.runtime import Runtime  # noqa: E402
 
 
 def make_jpegs(root: Path, n_classes: int, per_class: int) -> None:
@@ -84,9 +84,12 @@ class PILDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std, self.labels[i]
 
 
-def train_step(trainee, opt, device, x, y) -> None:
+def train_step(model: FewShotModel, opt, rt: Runtime, x, y) -> None:
+    """One step of negmargin.train.run's loop: autocast forward, loss, backward, SGD."""
+    device = rt.device
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    logits, _ = trainee(x, y)
+    with rt.autocast():
+        logits, _ = model(x, y)
     loss = F.cross_entropy(logits, y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -175,10 +178,10 @@ def main() -> None:
             model = build_model(run_cfg, packed.num_classes).to(device)
             if bf16:
                 model = model.to(memory_format=torch.channels_last)
-            trainee = Trainee(model, torch.bfloat16 if bf16 else None)
+            rt = Runtime(device, "bf16" if bf16 else "fp32", bf16)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
-            step = functools.partial(train_step, trainee, opt, device)
+            step = functools.partial(train_step, model, opt, rt)
 
             steps = args.steps if name == "conv4" else max(3, args.steps // 3)
             warm = 2
@@ -207,10 +210,10 @@ def main() -> None:
                 cmodel = build_model(run_cfg, packed.num_classes).to(device)
                 if bf16:
                     cmodel = cmodel.to(memory_format=torch.channels_last)
-                compiled = Trainee(cmodel, trainee.autocast_dtype, compile=True)
-                copt = torch.optim.SGD(compiled.parameters(), lr=0.01)
+                cmodel.backbone.compile()
+                copt = torch.optim.SGD(cmodel.parameters(), lr=0.01)
 
-                cstep = functools.partial(train_step, compiled, copt, device)
+                cstep = functools.partial(train_step, cmodel, copt, rt)
                 t0 = time.perf_counter()
                 cstep(fixed, fixed_y)
                 first = time.perf_counter() - t0

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .config import AugmentConfig
-from .resample import crop_resize, crop_resize_each, resize_short_side
+from .resample import crop_resize, crop_resize_each, resize_array, resize_short_side
 
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL "L" and cv2
 
@@ -179,6 +179,12 @@ def train_batch(
     return normalize(x, mean, std)
 
 
+# --------------------------------------------------------------------------- test transform
+# The whole test transform lives here: the crop box, one image's view, the tensor the
+# model takes. The stored size (the cache keeps val/test images at the short-side
+# resize already) is chosen by negmargin.datasets.store_policy from cfg.test_resize.
+
+
 def eval_crop_box(height: int, width: int, resize_short: int, size: int) -> tuple[int, int, int, int]:
     """Output size after the short-side resize and the centre-crop offset inside it."""
     out_h, out_w = resize_short_side(height, width, resize_short)
@@ -186,18 +192,24 @@ def eval_crop_box(height: int, width: int, resize_short: int, size: int) -> tupl
     return out_h, out_w, int(round((out_h - size) / 2)), int(round((out_w - size) / 2))
 
 
-def eval_transform_batch(images: Tensor, resize_short: int, size: int, mode: str, mean, std) -> Tensor:
-    """Test transform for a batch of equally sized images (B, H, W, C) uint8.
+def eval_view(image: np.ndarray, resize_short: int, size: int, mode: str) -> np.ndarray:
+    """The test transform's pixels for one image (H, W, C) uint8: resize the short side
+    to ``resize_short`` (skipped when it already is, as for cached val/test images),
+    centre-crop ``size`` → (size, size, C) uint8."""
+    h, w = image.shape[:2]
+    out_h, out_w, top, left = eval_crop_box(h, w, resize_short, size)
+    if (out_h, out_w) != (h, w):
+        image = resize_array(image, out_h, out_w, mode)
+    return image[top : top + size, left : left + size]
 
-    Resize the short side to ``resize_short`` (skipped when it already is),
-    centre-crop ``size``, normalise → (B, C, size, size) float32.
-    """
-    batch, height, width = images.shape[:3]
-    out_h, out_w, top, left = eval_crop_box(height, width, resize_short, size)
-    if (out_h, out_w) == (height, width):
-        x = images[:, top : top + size, left : left + size].permute(0, 3, 1, 2).to(torch.float32)
-    else:
-        boxes = torch.tensor([[0, 0, height, width]] * batch)
-        x = crop_resize(images, boxes, out_h, out_w, mode).round_().clamp_(0, 255)
-        x = x[:, :, top : top + size, left : left + size]
-    return normalize(x, mean, std)
+
+def to_input(
+    batch: np.ndarray,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    device: torch.device,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> Tensor:
+    """(B, H, W, C) uint8 views → normalised (B, C, H, W) float32 on ``device``."""
+    x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
+    return normalize(x, mean, std).contiguous(memory_format=memory_format)

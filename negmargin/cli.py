@@ -9,17 +9,33 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+
+from . import distributed as dist
+from .config import Config, apply_override, load_config
+from .datasets import load_split
 from .errors import NonFiniteLossError, UserError
+from .evaluate import run_test
+from .fileio import atomic_save
+from .predict import (
+    FewShotClassifier,
+    check_output_path,
+    collect_query_paths,
+    positive_int,
+    probability,
+    summary_line,
+    write_predictions,
+)
+from .train import run
 
 
 def _guard(fn: Callable[[], int | None]) -> int:
-    from . import distributed as dist
 
     try:
         code = int(fn() or 0)
@@ -79,18 +95,32 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", help="dataset folder (overrides data.root)")
     parser.add_argument("--seed", type=int, help="training seed (train) / fine-tune seed (test)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N (overrides train.device)")
-    parser.add_argument(
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    compat = parser.add_argument_group("accepted for mmfewshot compatibility; ignored")
+    compat.add_argument(
         "--launcher",
         choices=["none", "pytorch"],
         default="none",
-        help="'pytorch' when started by torchrun (detected automatically too)",
+        help="torchrun is detected from its variables",
     )
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    compat.add_argument("--local_rank", "--local-rank", type=int, default=0, help="torchrun sets LOCAL_RANK")
 
 
-def _load(args) -> object:
-    from .config import load_config
+def work_dir_for(cfg: Config, override: str | Path | None) -> Path:
+    """``work_dir/<config name>`` by default (the seed README's layout)."""
+    return Path(override) if override else Path("work_dir") / cfg.name
+
+
+def with_overrides(cfg: Config, seed: int | None, deterministic: bool) -> Config:
+    train = cfg.train
+    if seed is not None:
+        train = replace(train, seed=seed)
+    if deterministic:
+        train = replace(train, deterministic=True)
+    return replace(cfg, train=train).validate()
+
+
+def _load(args: argparse.Namespace) -> Config:
 
     overrides = list(args.cfg_options)
     if args.data_root:
@@ -113,13 +143,11 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> None:
-        from .train import run, with_overrides, work_dir_for
 
-        cfg = with_overrides(_load(args), args.seed, args.deterministic, None)
+        cfg = with_overrides(_load(args), args.seed, args.deterministic)
         summary = run(
             cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume, progress=not args.quiet
         )
-        from . import distributed as dist
 
         if summary.get("best_accuracy_mean") is not None and dist.is_main():
             print(
@@ -148,14 +176,15 @@ def test_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="fine-tune steps per episode (default 150 / 600)")
     parser.add_argument("--episode-seed", type=int)
     parser.add_argument("--show-task-results", action="store_true", help="print every episode's accuracy")
-    parser.add_argument(
-        "--metrics", nargs="*", default=None, help="accepted for compatibility; accuracy is always reported"
+    compat = next(
+        g for g in parser._action_groups if g.title and g.title.startswith("accepted for mmfewshot")
+    )
+    compat.add_argument(
+        "--metrics", nargs="*", default=None, help="accuracy (mean and 95%% CI) is always reported"
     )
     args = parser.parse_args(argv)
 
     def go() -> None:
-        from .evaluate import run_test
-        from .train import work_dir_for
 
         for key in ("n_way", "n_query", "n_episodes", "episode_seed"):
             value = getattr(args, key)
@@ -186,56 +215,37 @@ def test_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------ negmargin command
 
 
-# Settings of ``negmargin prepare DATASET`` without --config that differ from the
-# defaults (the omniglot config's values: they decide what the cache stores).
-PREPARE_DEFAULTS: dict[str, dict] = {
-    "omniglot": {
-        "data": {
-            "channels": 1,
-            "mean": (235.0,),
-            "std": (55.5,),
-            "image_size": 28,
-            "test_resize": 28,
-            "train_store_size": 28,
-        },
-        "augment": {"interpolation": "pil"},
-    },
-}
+# The clone's configs (the package runs from a clone: pip install -e .).
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "classification" / "neg_margin"
+# ``negmargin prepare DATASET`` without --config: a dataset whose config stores its images
+# differently from the defaults (size, channels) reads that config.
+PREPARE_CONFIGS = {"omniglot": CONFIGS / "omniglot" / "neg-margin_cosine_conv4_1xb64_omniglot_5way-1shot.py"}
 
 
-def _prepare(args) -> None:
-    from .config import Config, apply_override, load_config
-    from .datasets import load_split
-
-    if args.config:
-        cfg = load_config(args.config, list(args.cfg_options))
+def _prepare(args: argparse.Namespace) -> None:
+    config = args.config or PREPARE_CONFIGS.get(args.dataset)
+    if config:
+        cfg = load_config(config, [f"data.dataset={args.dataset!r}", *args.cfg_options])
     else:
-        raw = copy.deepcopy(PREPARE_DEFAULTS.get(args.dataset, {}))  # overrides edit it in place
-        raw.setdefault("data", {})["dataset"] = args.dataset
+        raw: dict = {"data": {"dataset": args.dataset}}
         for item in args.cfg_options:
             apply_override(raw, item)
         cfg = Config.from_dict(raw).validate()
-    data = cfg.data
-    if args.root:
-        data.root = args.root
-    if args.size is not None:
-        data.train_store_size = args.size
-    if args.workers is not None:
-        data.prepare_workers = args.workers
-    if args.skip_bad_images:
-        data.skip_bad_images = True
-    cfg.validate()
+    changes = {
+        "root": args.root,
+        "train_store_size": args.size,
+        "prepare_workers": args.workers,
+        "skip_bad_images": True if args.skip_bad_images else None,
+    }
+    data = replace(cfg.data, **{k: v for k, v in changes.items() if v is not None})
+    cfg = replace(cfg, data=data).validate()
     for split in args.splits:
         t = time.time()
         packed = load_split(cfg, split)
         print(f"{split}: {len(packed)} images in {packed.folder} ({time.time() - t:.1f} s)")
 
 
-def _demo(args) -> None:
-    from .config import load_config
-    from .evaluate import run_test
-    from .train import run
-
+def _demo(args: argparse.Namespace) -> None:
     config = Path(args.config)
     if not config.is_file() and not config.is_absolute():
         config = Path(__file__).resolve().parents[1] / config  # the clone this package runs from
@@ -264,13 +274,6 @@ def _log(args) -> Callable[[str], None]:
 
 
 def _predict(args) -> None:
-    from .predict import (
-        FewShotClassifier,
-        check_output_path,
-        collect_query_paths,
-        summary_line,
-        write_predictions,
-    )
 
     log = _log(args)
     if args.out:
@@ -294,10 +297,6 @@ def _predict(args) -> None:
 
 
 def _embed(args) -> None:
-    import numpy as np
-
-    from .fileio import atomic_save
-    from .predict import FewShotClassifier, check_output_path, collect_query_paths
 
     check_output_path(args.out)
     paths, skipped = collect_query_paths(args.paths)
@@ -312,7 +311,6 @@ def _embed(args) -> None:
 
 
 def _inference_options(p: argparse.ArgumentParser) -> None:
-    from .predict import positive_int
 
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--batch-size", type=_checked(positive_int), default=64, help="images per forward pass")
@@ -353,8 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir")
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--quiet", action="store_true")
-
-    from .predict import positive_int, probability
 
     p = sub.add_parser("predict", help="few-shot prediction on your own images")
     _inference_options(p)

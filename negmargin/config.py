@@ -20,17 +20,25 @@ import difflib
 import pprint
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 from .errors import ConfigError
+from .finetune import FinetuneConfig
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
-@dataclass
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{section}.{name}' must be a positive integer, got {value}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the images are and how they are stored and presented to the model."""
 
@@ -41,7 +49,7 @@ class DataConfig:
     mean: tuple[float, ...] = IMAGENET_MEAN  # per channel, on the 0-255 scale
     std: tuple[float, ...] = IMAGENET_STD
     # Test transform: resize the short side to this, then centre-crop image_size.
-    # None = int(image_size * 1.15), the reference's 96 for 84.
+    # None = int(image_size * 1.15), the reference's 96 for 84 (resolved at run start).
     test_resize: int | None = None
     # Short side of the *training* images in the packed cache (never upscaled; 0 =
     # keep the source size). See negmargin/datasets/cache.py for why 256.
@@ -51,22 +59,59 @@ class DataConfig:
     skip_bad_images: bool = False  # skip unreadable files instead of failing
     options: dict[str, Any] = field(default_factory=dict)  # reader-specific options
 
+    def check(self, section: str = "data") -> None:
+        _positive(section, self, "image_size")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"config key '{section}.channels' must be 1 or 3, got {self.channels}")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) != self.channels:
+                raise ConfigError(
+                    f"config key '{section}.{key}' needs {self.channels} values (one per channel), "
+                    f"got {len(getattr(self, key))}"
+                )
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"config key '{section}.std' must be positive")
+        if self.prepare_workers < 0:
+            raise ConfigError("worker counts (train.workers, data.prepare_workers) must be ≥ 0")
+        if self.resolved_test_resize < self.image_size:
+            raise ConfigError(
+                f"config key '{section}.test_resize' ({self.resolved_test_resize}) must be ≥ {section}.image_size "
+                f"({self.image_size})"
+            )
 
-@dataclass
+    @property
+    def resolved_test_resize(self) -> int:
+        return self.test_resize if self.test_resize is not None else int(self.image_size * 1.15)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     backbone: str = "conv4"  # a key of negmargin.backbones.BACKBONES
     head: Literal["cosine", "softmax"] = "cosine"
-    # Rows of the training head. None = the number of base classes in the data.
-    # The reference configs say 100 for miniImageNet although it has 64 classes.
+    # Rows of the training head. None = the number of base classes in the data (resolved
+    # when training starts). The reference configs say 100 for miniImageNet although it
+    # has 64 classes.
     num_classes: int | None = None
     margin: float = 0.0  # ≤ 0: the target logit is T·(s_y − m)
     temperature: float = 10.0
     # A positive margin is outside the Neg-Margin method (it is the usual
-    # large-margin loss); allowed only for the margin study of bench/omniglot.py.
+    # large-margin loss); allowed only for the margin study of bench/margin_study.py.
     allow_positive_margin: bool = False
 
+    def check(self, section: str = "model") -> None:
+        if self.margin > 0 and not self.allow_positive_margin:
+            raise ConfigError(
+                f"config key '{section}.margin' must be ≤ 0 for Neg-Margin, got {self.margin} "
+                "(a positive margin is a different method; set model.allow_positive_margin=True "
+                "to study it)"
+            )
+        if self.num_classes is not None and self.num_classes <= 0:
+            raise ConfigError(f"config key '{section}.num_classes' must be positive or None")
+        if self.temperature <= 0:
+            raise ConfigError("temperatures (model.temperature, finetune.temperature) must be > 0")
 
-@dataclass
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """The reference training augmentation, applied batched on the device."""
 
@@ -81,8 +126,16 @@ class AugmentConfig:
     # "pil": PIL/torchvision bilinear, antialiased when shrinking.
     interpolation: Literal["cv2", "pil"] = "cv2"
 
+    def check(self, section: str = "augment") -> None:
+        lo, hi = self.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"config key '{section}.crop_scale' must satisfy 0 < lo ≤ hi ≤ 1, got {lo, hi}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise ConfigError(f"config key '{section}.crop_ratio' must satisfy 0 < lo ≤ hi, got {lo, hi}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 200
     batch_size: int = 64  # global batch; split across processes under torchrun
@@ -97,11 +150,14 @@ class TrainConfig:
     deterministic: bool = False
     log_interval: int = 50  # iterations
     checkpoint_interval: int = 50  # epochs between epoch_N.pth files
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (resolved at run start)
     # Mixed precision. "fp32" is the reference; "bf16" autocasts the backbone.
-    # "auto" = bf16 on CUDA, fp32 on CPU.
+    # "auto" = bf16 on CUDA, fp32 on CPU (resolved at run start).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on where measured faster
+    # Measured here (bench/train_speed.py): channels-last is faster or equal for Conv4
+    # and ResNet12 on this CPU in fp32 and bf16, and the usual choice on GPUs.
+    # ("auto" in configs and checkpoints written before 0.2 means "on".)
+    channels_last: Literal["on", "off"] = "on"
     compile: bool = False  # torch.compile the backbone
     workers: int = 1  # background threads that read and augment batches
     sync_bn: bool = False  # SyncBatchNorm under torchrun
@@ -111,8 +167,17 @@ class TrainConfig:
     ddp_scaling: Literal["none", "linear"] = "none"
     max_iters_per_epoch: int | None = None  # cut epochs short (smoke tests)
 
+    def check(self, section: str = "train") -> None:
+        _positive(section, self, "epochs", "batch_size", "log_interval", "checkpoint_interval")
+        if self.lr <= 0:
+            raise ConfigError("learning rates (train.lr, finetune.lr) must be > 0")
+        if self.workers < 0:
+            raise ConfigError("worker counts (train.workers, data.prepare_workers) must be ≥ 0")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"config key '{section}.milestones' must be increasing, got {self.milestones}")
 
-@dataclass
+
+@dataclass(frozen=True)
 class EvalConfig:
     """One meta-test setting: which episodes, and how many fine-tune steps."""
 
@@ -121,32 +186,30 @@ class EvalConfig:
     n_query: int = 15
     n_episodes: int = 2000
     episode_seed: int = 0  # draws the episodes; independent of the model seed
-    steps: int | None = None  # None = 150 for 5-way 1-shot, 600 for 5-way 5-shot
+    # None = the protocol's rule: 150 for 5-way 1-shot, 600 for 5-way 5-shot (resolved at start)
+    steps: int | None = None
+
+    def check(self, section: str = "meta_test") -> None:
+        _positive(section, self, "n_way", "n_shot", "n_query", "n_episodes", "steps")
+        if self.n_way < 2:
+            raise ConfigError(f"config key '{section}.n_way' must be at least 2")
+
+    @property
+    def resolved_steps(self) -> int:
+        return self.steps if self.steps is not None else default_finetune_steps(self.n_way * self.n_shot)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ValConfig(EvalConfig):
     n_episodes: int = 100
     interval: int = 5  # epochs
 
-
-@dataclass
-class FinetuneConfig:
-    """The per-episode head fine-tune of the meta-test (reference values)."""
-
-    lr: float = 0.01
-    momentum: float = 0.9
-    dampening: float = 0.9
-    weight_decay: float = 1e-3
-    batch_size: int = 4
-    temperature: float = 5.0
-    seed: int = 0  # head init and support shuffling
-    chunk_size: int = 0  # episodes fine-tuned at once; 0 = chosen from memory and cores
-    threads: int = 0  # chunks fine-tuned at once on a CPU, one core each; 0 = all of torch's threads
-    feature_batch_size: int = 128  # images per forward pass when extracting
+    def check(self, section: str = "val") -> None:
+        super().check(section)
+        _positive(section, self, "interval")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,16 +225,47 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
-        return _build(cls, raw, "", source)
+        return _build(cls, _legacy(raw), "", source)
 
     def validate(self) -> Config:
-        _check_values(self)
+        """Each section's range checks (written beside its fields), in this order."""
+        self.train.check("train")
+        self.val.check("val")
+        self.meta_test.check("meta_test")
+        self.data.check("data")
+        self.finetune.check("finetune")
+        self.model.check("model")
+        self.augment.check("augment")
         return self
 
     @property
     def test_resize(self) -> int:
-        d = self.data
-        return d.test_resize if d.test_resize is not None else int(d.image_size * 1.15)
+        return self.data.resolved_test_resize
+
+    def resolved(self, device: str, precision: str, num_classes: int | None = None) -> Config:
+        """This config with every "None/auto means derived" value made explicit.
+
+        The one place derived values are resolved (called by
+        :func:`negmargin.runtime.resolve`): ``data.test_resize``, ``val.steps``,
+        ``meta_test.steps``, ``train.device``, ``train.precision`` and, when training,
+        ``model.num_classes``. The dumped config and the checkpoint hold these values.
+        """
+        return replace(
+            self,
+            data=replace(self.data, test_resize=self.test_resize),
+            val=replace(self.val, steps=self.val.resolved_steps),
+            meta_test=replace(self.meta_test, steps=self.meta_test.resolved_steps),
+            train=replace(self.train, device=device, precision=precision),  # type: ignore[arg-type]
+            model=replace(self.model, num_classes=self.model.num_classes or num_classes),
+        )
+
+
+def _legacy(raw: dict[str, Any]) -> dict[str, Any]:
+    """Configs stored by earlier versions: channels_last="auto" meant "on"."""
+    train = raw.get("train") if isinstance(raw, dict) else None
+    if isinstance(train, dict) and train.get("channels_last") == "auto":
+        raw = {**raw, "train": {**train, "channels_last": "on"}}
+    return raw
 
 
 def default_finetune_steps(n_support: int) -> int:
@@ -185,7 +279,7 @@ def default_finetune_steps(n_support: int) -> int:
 
 
 def eval_steps(ev: EvalConfig) -> int:
-    return ev.steps if ev.steps is not None else default_finetune_steps(ev.n_way * ev.n_shot)
+    return ev.resolved_steps
 
 
 # --------------------------------------------------------------------------- loading
@@ -353,75 +447,6 @@ def _to_plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_to_plain(v) for v in value]
     return value
-
-
-def _check_values(cfg: Config) -> None:
-    """Range checks that types alone cannot express."""
-    positive = {
-        "data.image_size": cfg.data.image_size,
-        "train.epochs": cfg.train.epochs,
-        "train.batch_size": cfg.train.batch_size,
-        "train.log_interval": cfg.train.log_interval,
-        "train.checkpoint_interval": cfg.train.checkpoint_interval,
-        "finetune.batch_size": cfg.finetune.batch_size,
-        "finetune.feature_batch_size": cfg.finetune.feature_batch_size,
-        "val.interval": cfg.val.interval,
-    }
-    for section in ("val", "meta_test"):
-        ev = getattr(cfg, section)
-        for name in ("n_way", "n_shot", "n_query", "n_episodes"):
-            positive[f"{section}.{name}"] = getattr(ev, name)
-        if ev.steps is not None:
-            positive[f"{section}.steps"] = ev.steps
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be a positive integer, got {value}")
-    for key in ("chunk_size", "threads"):
-        if getattr(cfg.finetune, key) < 0:
-            raise ConfigError(
-                f"config key 'finetune.{key}' must be 0 (automatic) or a positive integer, "
-                f"got {getattr(cfg.finetune, key)}"
-            )
-    for section in ("val", "meta_test"):
-        if getattr(cfg, section).n_way < 2:
-            raise ConfigError(f"config key '{section}.n_way' must be at least 2")
-    if cfg.data.channels not in (1, 3):
-        raise ConfigError(f"config key 'data.channels' must be 1 or 3, got {cfg.data.channels}")
-    for key in ("mean", "std"):
-        if len(getattr(cfg.data, key)) != cfg.data.channels:
-            raise ConfigError(
-                f"config key 'data.{key}' needs {cfg.data.channels} values (one per channel), "
-                f"got {len(getattr(cfg.data, key))}"
-            )
-    if any(s <= 0 for s in cfg.data.std):
-        raise ConfigError("config key 'data.std' must be positive")
-    if cfg.model.margin > 0 and not cfg.model.allow_positive_margin:
-        raise ConfigError(
-            f"config key 'model.margin' must be ≤ 0 for Neg-Margin, got {cfg.model.margin} "
-            "(a positive margin is a different method; set model.allow_positive_margin=True "
-            "to study it)"
-        )
-    if cfg.model.num_classes is not None and cfg.model.num_classes <= 0:
-        raise ConfigError("config key 'model.num_classes' must be positive or None")
-    if cfg.model.temperature <= 0 or cfg.finetune.temperature <= 0:
-        raise ConfigError("temperatures (model.temperature, finetune.temperature) must be > 0")
-    lo, hi = cfg.augment.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"config key 'augment.crop_scale' must satisfy 0 < lo ≤ hi ≤ 1, got {lo, hi}")
-    lo, hi = cfg.augment.crop_ratio
-    if not 0 < lo <= hi:
-        raise ConfigError(f"config key 'augment.crop_ratio' must satisfy 0 < lo ≤ hi, got {lo, hi}")
-    if cfg.train.lr <= 0 or cfg.finetune.lr <= 0:
-        raise ConfigError("learning rates (train.lr, finetune.lr) must be > 0")
-    if cfg.train.workers < 0 or cfg.data.prepare_workers < 0:
-        raise ConfigError("worker counts (train.workers, data.prepare_workers) must be ≥ 0")
-    if list(cfg.train.milestones) != sorted(cfg.train.milestones):
-        raise ConfigError(f"config key 'train.milestones' must be increasing, got {cfg.train.milestones}")
-    if cfg.test_resize < cfg.data.image_size:
-        raise ConfigError(
-            f"config key 'data.test_resize' ({cfg.test_resize}) must be ≥ data.image_size "
-            f"({cfg.data.image_size})"
-        )
 
 
 def _near_files(path: Path) -> str:

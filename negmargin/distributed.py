@@ -68,12 +68,13 @@ def all_gather_object(obj):
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not is_initialized():
-        return obj
-    box = [obj]
-    td.broadcast_object_list(box, src=src)
-    return box[0]
+def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` under DistributedDataParallel when there are several processes, else itself."""
+    if world_size() <= 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:

@@ -11,31 +11,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from . import distributed as dist
-from .checkpoint import load_checkpoint, load_model_weights
 from .config import Config
 from .datasets import load_split
-from .fileio import atomic_write_text, ensure_writable_dir
-from .heads import build_model
-from .metatest import MetaTestResult, cached_features, meta_test
-from .runlog import RunLog
-from .train import resolve_channels_last, resolve_precision
-
-
-def load_trained_model(
-    cfg: Config, checkpoint_path: str | Path, device: torch.device, ckpt: dict | None = None
-):
-    """The model of ``cfg`` with the checkpoint's weights, in eval mode (``ckpt``: already loaded)."""
-    ckpt = load_checkpoint(checkpoint_path) if ckpt is None else ckpt
-    num_classes = int(ckpt.get("num_classes") or ckpt["model"]["head.weight"].shape[0])
-    model = build_model(cfg, num_classes)
-    load_model_weights(model, ckpt, checkpoint_path, cfg.model.backbone)
-    model = model.to(device).eval()
-    if resolve_channels_last(cfg):
-        model = model.to(memory_format=torch.channels_last)
-    return model, ckpt
+from .features import cached_features
+from .fileio import atomic_write_text
+from .meta_test import MetaTestResult, meta_test
+from .model import load_trained_model
+from .runtime import main_first, resolve, start_run
 
 
 def run_test(
@@ -53,31 +36,14 @@ def run_test(
     Fine-tune steps: ``steps`` if given, else the config's for its own shot count and
     the protocol's rule (150 / 600) for the other shot counts.
     """
-    device = dist.local_device(cfg.train.device)
-    dist.init(device)
-    main = dist.is_main()
     work_dir = Path(work_dir)
-    if main:
-        ensure_writable_dir(work_dir)
-    dist.barrier()
-    log = RunLog(None, enabled=main)
-    model, ckpt = load_trained_model(cfg, checkpoint_path, device)
-    precision, autocast_dtype = resolve_precision(cfg, device)
-    if main:
-        packed = load_split(cfg, split, progress=progress, log=log.info)
-    dist.barrier()
-    if not main:
-        packed = load_split(cfg, split, progress=False, log=log.info)
+    log, show = start_run(cfg, work_dir, progress, log_files=False)
+    cfg, rt = resolve(cfg)
+    model, ckpt = load_trained_model(cfg, checkpoint_path, rt.device, channels_last=rt.channels_last)
+    with main_first():
+        packed = load_split(cfg, split, progress=show, log=log.info)
     feats = cached_features(
-        model.backbone,
-        packed,
-        cfg,
-        device,
-        work_dir / "features",
-        autocast_dtype,
-        precision,
-        progress=progress and main,
-        log=log.info,
+        model.backbone, packed, cfg, rt, work_dir / "features", progress=show, log=log.info
     )
     results = []
     for n_shot in shots or [cfg.meta_test.n_shot]:
@@ -93,19 +59,22 @@ def run_test(
             cfg.finetune,
             packed.class_names,
             where=f"{split} split",
-            progress=progress and main,
+            progress=show,
             desc=f"meta-test {ev.n_way}-way {n_shot}-shot",
         )
-        result.extra = {
-            "split": split,
-            "checkpoint": str(checkpoint_path),
-            "config": cfg.name,
-            "episode_seed": ev.episode_seed,
-            "finetune_seed": cfg.finetune.seed,
-            "checkpoint_epoch": ckpt.get("epoch"),
-        }
+        result = replace(
+            result,
+            extra={
+                "split": split,
+                "checkpoint": str(checkpoint_path),
+                "config": cfg.name,
+                "episode_seed": ev.episode_seed,
+                "finetune_seed": cfg.finetune.seed,
+                "checkpoint_epoch": ckpt.get("epoch"),
+            },
+        )
         results.append(result)
-        if main:
+        if dist.is_main():
             if show_task_results:
                 for i, acc in enumerate(result.accuracies):
                     print(f"task {i}: accuracy {acc:.2f}")

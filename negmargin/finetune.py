@@ -30,23 +30,53 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import ConfigError
+
 EPS = 1e-12  # F.normalize's eps
 
 
 @dataclass(frozen=True)
-class FinetuneSettings:
-    steps: int = 150
+class FinetuneConfig:
+    """The per-episode head fine-tune of the meta-test (reference values); the config's
+    ``finetune`` section. The number of steps is not here: it belongs to the episode
+    setting (``val.steps`` / ``meta_test.steps``) and is passed explicitly."""
+
     lr: float = 0.01
     momentum: float = 0.9
     dampening: float = 0.9
     weight_decay: float = 1e-3
     batch_size: int = 4
     temperature: float = 5.0
-    seed: int = 0
+    seed: int = 0  # head init and support shuffling
+    chunk_size: int = 0  # episodes fine-tuned at once; 0 = chosen from memory and cores
+    threads: int = 0  # chunks fine-tuned at once on a CPU, one core each; 0 = all of torch's threads
+    feature_batch_size: int = 128  # images per forward pass when extracting
+
+    def check(self, section: str = "finetune") -> None:
+        for key in ("batch_size", "feature_batch_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(
+                    f"config key '{section}.{key}' must be a positive integer, got {getattr(self, key)}"
+                )
+        for key in ("chunk_size", "threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(
+                    f"config key '{section}.{key}' must be 0 (automatic) or a positive integer, "
+                    f"got {getattr(self, key)}"
+                )
+        if self.temperature <= 0:
+            raise ConfigError("temperatures (model.temperature, finetune.temperature) must be > 0")
+        if self.lr <= 0:
+            raise ConfigError("learning rates (train.lr, finetune.lr) must be > 0")
 
 
 def episode_randomness(
-    episode_ids: Tensor | np.ndarray, n_way: int, dim: int, n_support: int, settings: FinetuneSettings
+    episode_ids: Tensor | np.ndarray | list[int],
+    n_way: int,
+    dim: int,
+    n_support: int,
+    settings: FinetuneConfig,
+    steps: int,
 ) -> tuple[Tensor, Tensor]:
     """Initial head weights and support batch orders, a pure function of the episode id.
 
@@ -59,7 +89,7 @@ def episode_randomness(
         set per row, as many passes as the steps need.
     """
     per_pass = math.ceil(n_support / settings.batch_size)
-    passes = math.ceil(settings.steps / per_pass)
+    passes = math.ceil(steps / per_pass)
     bound = 1.0 / math.sqrt(dim)
     ids = np.asarray(episode_ids, dtype=np.int64)
     init = np.empty((len(ids), n_way, dim), dtype=np.float32)
@@ -125,8 +155,10 @@ def _norms(c: Tensor, A: Tensor, AG: Tensor, g: Grams) -> Tensor:
     return sq.clamp_min(0).sqrt().clamp_min(EPS)
 
 
-def finetune(grams: Grams, support_labels: Tensor, orders: Tensor, s: FinetuneSettings) -> HeadState:
-    """Run ``s.steps`` SGD steps of the cosine head for every episode at once.
+def finetune(
+    grams: Grams, support_labels: Tensor, orders: Tensor, settings: FinetuneConfig, steps: int
+) -> HeadState:
+    """Run ``steps`` SGD steps of the cosine head for every episode at once.
 
     Args:
         grams: from :func:`compute_grams`.
@@ -138,6 +170,7 @@ def finetune(grams: Grams, support_labels: Tensor, orders: Tensor, s: FinetuneSe
     """
     E, K, n = grams.P.shape
     dtype, device = grams.P.dtype, grams.P.device
+    s = settings
     T = s.temperature
     c = torch.ones(E, K, dtype=dtype, device=device)
     A = torch.zeros(E, K, n, dtype=dtype, device=device)
@@ -145,7 +178,7 @@ def finetune(grams: Grams, support_labels: Tensor, orders: Tensor, s: FinetuneSe
     mA = torch.zeros_like(A)
     onehot = F.one_hot(support_labels, K).to(dtype).transpose(1, 2)  # (E, K, n)
     orders = orders.to(device)
-    for t in range(s.steps):
+    for t in range(steps):
         pos = step_positions(orders, t, s.batch_size)  # (E, b)
         b = pos.shape[1]
         idx = pos[:, None, :].expand(E, K, b)
@@ -174,3 +207,45 @@ def query_scores(grams: Grams, head: HeadState) -> Tensor:
     """Cosine of each query with each fine-tuned row: (E, q, K) (× T gives the logits)."""
     dots = head.c[:, None, :] * grams.QW + grams.QX @ head.A.transpose(1, 2)
     return dots / head.norm[:, None, :]
+
+
+@dataclass
+class FittedHeads:
+    """Heads fine-tuned on E episodes' support sets, ready to score queries."""
+
+    support: Tensor  # (E, n, D) support features
+    init: Tensor  # (E, K, D) initial head rows
+    grams: Grams
+    head: HeadState
+
+    def scores(self, query: Tensor | None = None) -> Tensor:
+        """(E, q, K) cosines of queries with the fine-tuned rows (× T gives the logits).
+
+        ``query``: (E, q, D), or None for the queries given to :func:`fit_heads`."""
+        grams = self.grams if query is None else compute_grams(self.support, self.init, query.float())
+        return query_scores(grams, self.head)
+
+
+def fit_heads(
+    support: Tensor,
+    support_labels: Tensor,
+    n_way: int,
+    episode_ids: Tensor | np.ndarray | list[int],
+    settings: FinetuneConfig,
+    steps: int,
+    query: Tensor | None = None,
+) -> FittedHeads:
+    """Fine-tune a fresh ``n_way``-row cosine head per episode: the one call the meta-test
+    and :class:`negmargin.predict.FewShotClassifier` share.
+
+    Args:
+        support: (E, n, D) support features; support_labels: (E, n) in 0..n_way-1.
+        episode_ids: (E,) ids that seed each episode's head init and batch order.
+        query: (E, q, D) query features to prepare scores for, optional.
+    """
+    E, n, dim = support.shape
+    init, orders = episode_randomness(episode_ids, n_way, dim, n, settings, steps)
+    init = init.to(support.device)
+    support = support.float()
+    grams = compute_grams(support, init, None if query is None else query.float())
+    return FittedHeads(support, init, grams, finetune(grams, support_labels, orders, settings, steps))

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augment import normalize, sample_params, train_batch
+from .augment import eval_view, normalize, sample_params, train_batch
 from .config import Config
 from .datasets import PackedSplit
-from .metatest import eval_view
 
 
 def cut_crops(images: list[np.ndarray], boxes: np.ndarray, pin: bool = False) -> Tensor:
@@ -150,14 +149,12 @@ class TrainLoader:
         x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x, item["labels"].to(self.device, non_blocking=True)
 
-    def epoch(
-        self, epoch: int, start: int = 0, workers: int | None = None
-    ) -> Iterator[tuple[Tensor, Tensor, float]]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor, float]]:
         """Yield (images, labels, data_time) for iterations ``start..len-1`` of ``epoch``.
 
         ``data_time`` is how long the training loop waited for this batch.
         """
-        workers = self.cfg.train.workers if workers is None else workers
+        workers = self.cfg.train.workers
         indices = self.sampler.indices(epoch)
         if workers <= 0:
             for it in range(start, self.iterations):
@@ -176,7 +173,7 @@ class TrainLoader:
 
         depth = 2 * workers
         with cf.ThreadPoolExecutor(workers, thread_name_prefix="negmargin-loader") as pool:
-            pending = {}
+            pending: dict[int, cf.Future] = {}
             nxt = start
             for it in range(start, self.iterations):
                 while nxt < self.iterations and len(pending) < depth:

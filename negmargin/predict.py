@@ -31,14 +31,15 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from .augment import eval_view, to_input
 from .checkpoint import load_checkpoint
 from .config import Config, default_finetune_steps, load_config
 from .distributed import local_device
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .fileio import atomic_write_text
-from .finetune import FinetuneSettings, compute_grams, episode_randomness, finetune, query_scores
+from .finetune import FittedHeads, fit_heads
 from .imageio import is_image_file, read_image, to_array
-from .metatest import eval_view, settings_for, to_input
+from .model import load_trained_model
 
 ImageLike = str | Path | Image.Image | Tensor | np.ndarray
 UNKNOWN = "unknown"
@@ -133,16 +134,11 @@ class FewShotClassifier:
         self.cfg = cfg
         self.device = device
         self.classes: list = []  # the labels given to fit(), in their own type, first-seen order
-        self._support: Tensor | None = None
-        self._init: Tensor | None = None
-        self._head = None
-        self.settings: FinetuneSettings | None = None
+        self._heads: FittedHeads | None = None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", config: str | Path | None = None):
-        """Load a negmargin checkpoint (its stored config, or ``config`` instead)."""
-        from .evaluate import load_trained_model
-
+        """Load a negmargin checkpoint (its stored config, or ``config`` instead); reads the file once."""
         ckpt = load_checkpoint(path)
         if config is not None:
             cfg = load_config(config)
@@ -233,7 +229,7 @@ class FewShotClassifier:
                     )
                     kept.append(i)
                 if views:
-                    x = to_input(np.stack(views), cfg, self.device)
+                    x = to_input(np.stack(views), cfg.data.mean, cfg.data.std, self.device)
                     out.append(self.backbone(x).float().cpu())
                 bar.update(min(batch_size, len(images) - start))
         feats = torch.cat(out) if out else torch.empty(0, 0)
@@ -265,12 +261,8 @@ class FewShotClassifier:
         index = {c: i for i, c in enumerate(classes)}
         y = torch.tensor([index[label] for label in labels])
         feats = self.embed(images)
-        n, dim = feats.shape
-        settings = replace(settings_for(self.cfg.meta_test, self.cfg.finetune), steps=steps)
-        init, orders = episode_randomness([0], len(classes), dim, n, settings)
-        grams = compute_grams(feats[None], init)
-        self._head = finetune(grams, y[None], orders, settings)
-        self._support, self._init, self.classes, self.settings = feats, init, classes, settings
+        self._heads = fit_heads(feats[None], y[None], len(classes), [0], self.cfg.finetune, steps)
+        self.classes = classes
         return self
 
     def fit_folder(self, folder: str | Path, steps: int | None = None, log=None) -> FewShotClassifier:
@@ -285,13 +277,12 @@ class FewShotClassifier:
 
     def proba_of(self, features: Tensor) -> Tensor:
         """(N, D) query features (from :meth:`embed`) → (N, K) softmax of T·cos over the fitted classes."""
-        if self._head is None:
+        if self._heads is None:
             raise UserError("call fit() (or fit_folder()) with a support set before predicting")
         if features.numel() == 0:
             return torch.empty(0, len(self.classes))
-        grams = compute_grams(self._support[None], self._init, features[None])
-        cos = query_scores(grams, self._head)[0]
-        return torch.softmax(self.settings.temperature * cos, dim=-1).float()
+        cos = self._heads.scores(features[None])[0]
+        return torch.softmax(self.cfg.finetune.temperature * cos, dim=-1).float()
 
     def labels_of(self, proba: Tensor, unknown_below: float | None = None, unknown_label=UNKNOWN) -> list:
         """The fitted label of each row's best class; ``unknown_label`` where its probability < threshold."""
@@ -307,7 +298,7 @@ class FewShotClassifier:
 
     def predict_proba(self, images: Sequence[ImageLike]) -> Tensor:
         """(N, K) softmax of T·cos over the fitted classes (columns in :attr:`classes` order)."""
-        if self._head is None:
+        if self._heads is None:
             raise UserError("call fit() (or fit_folder()) with a support set before predicting")
         return self.proba_of(self.embed(images))
 

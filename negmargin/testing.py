@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .finetune import FinetuneSettings
+from .finetune import FinetuneConfig
 
 
 class CosineHead(nn.Module):
@@ -24,7 +24,7 @@ class CosineHead(nn.Module):
         return self.temperature * F.linear(F.normalize(x), F.normalize(self.weight))
 
 
-def reference_episode(support, labels, query, init, order, s: FinetuneSettings):
+def reference_episode(support, labels, query, init, order, s: FinetuneConfig, steps: int):
     """One episode the simple way: nn.Module head, torch.optim.SGD, mini-batches of 4."""
     head = CosineHead(init, s.temperature)
     opt = torch.optim.SGD(
@@ -32,7 +32,7 @@ def reference_episode(support, labels, query, init, order, s: FinetuneSettings):
     )
     n = len(support)
     per_pass = -(-n // s.batch_size)
-    for t in range(s.steps):
+    for t in range(steps):
         p, k = divmod(t, per_pass)
         pos = order[p, k * s.batch_size : (k + 1) * s.batch_size]
         loss = F.cross_entropy(head(support[pos]), labels[pos])

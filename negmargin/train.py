@@ -1,25 +1,27 @@
-"""Base training: the epoch loop, validation, checkpoints, resume.
+"""Base training: the loop, validation, checkpoints, resume.
 
-``run(cfg, work_dir)`` is the whole of ``tools/classification/train.py``. The loop
-is plain: batch → backbone → Neg-Margin head → cross-entropy → backward → SGD.
-Every 5 epochs (and after the last) the model is meta-tested on 100 fixed val
-episodes; ``best_accuracy_mean.pth`` is rewritten whenever that mean strictly
-improves. ``latest.pth`` is written after every epoch and when the run is
-stopped with SIGTERM/SIGINT, so ``--auto-resume`` continues where it stopped.
+``run(cfg, work_dir)`` is the whole of ``tools/classification/train.py``:
+
+    batch → backbone → Neg-Margin head → cross-entropy → backward → SGD
+
+Every ``val.interval`` epochs (and after the last) the model is meta-tested on
+the fixed val episodes; ``best_accuracy_mean.pth`` is rewritten whenever that
+mean strictly improves. ``latest.pth`` is written after every epoch and when the
+run is stopped with SIGTERM/SIGINT, so ``--auto-resume`` continues where it
+stopped. A checkpoint is a :class:`TrainState`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import random
 import signal
 import time
-from dataclasses import replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,131 +30,209 @@ from tqdm import tqdm
 from . import distributed as dist
 from .checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump_config
-from .datasets import load_split
+from .datasets import PackedSplit, load_split
 from .episodes import sample_episodes
 from .errors import CheckpointError, ConfigError, NonFiniteLossError
 from .faults import kill_point
-from .fileio import ensure_writable_dir
-from .heads import FewShotModel, build_model
+from .features import extract_features
 from .loader import TrainLoader
-from .metatest import MetaTestResult, extract_features, meta_test_episodes
+from .meta_test import MetaTestResult, meta_test_episodes
+from .model import FewShotModel, build_model
 from .runlog import RunLog
+from .runtime import Runtime, main_first, resolve, seed_everything, start_run
 from .schedule import lr_at
 
 
-class Trainee(nn.Module):
-    """What DDP wraps: images + labels → (logits with margin, similarities).
-
-    With ``compile=True`` the backbone's forward goes through ``torch.compile``
-    while the model's own modules (and so the checkpoint keys) stay unchanged.
-    """
-
-    def __init__(
-        self, model: FewShotModel, autocast_dtype: torch.dtype | None, compile: bool = False
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.autocast_dtype = autocast_dtype
-        # Kept out of the module tree: the compiled wrapper would add "_orig_mod." keys.
-        object.__setattr__(self, "_backbone", torch.compile(model.backbone) if compile else model.backbone)
-
-    def forward(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        device_type = images.device.type
-        with torch.autocast(device_type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            feats = self._backbone(images)
-        with torch.autocast(device_type, enabled=False):
-            sims = self.model.head.similarity(feats.float())
-            return self.model.head.logits(sims, labels), sims
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> tuple[str, torch.dtype | None]:
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return precision, (torch.bfloat16 if precision == "bf16" else None)
-
-
-def resolve_channels_last(cfg: Config) -> bool:
-    # Measured here (bench/train_speed.py): channels-last is faster or equal for
-    # Conv4/ResNet12 on this CPU in fp32 and bf16, and the usual choice on GPUs.
-    return cfg.train.channels_last != "off"
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, object] = {}
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. a test's thread)
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a second signal stops at once
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-    def requested(self, device: torch.device) -> bool:
-        flag = self.signal is not None
-        if dist.world_size() > 1:  # every rank must stop at the same step
-            flag = dist.all_reduce_mean(float(flag), device) > 0
-        return flag
-
-
-def validate(
-    model: FewShotModel,
-    val_split,
+def run(
     cfg: Config,
-    device,
-    episodes: Tensor,
-    autocast_dtype,
-    channels_last: bool,
-    progress: bool,
-) -> MetaTestResult:
-    """Meta-test the current backbone on the fixed val episodes (split across ranks).
+    work_dir: str | Path,
+    resume_from: str | Path | None = None,
+    auto_resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train, validate and checkpoint; returns a summary dict."""
+    work_dir = Path(work_dir)
+    log, show = start_run(cfg, work_dir, progress)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    with main_first() as main:
+        train_split = load_split(cfg, "train", progress=show, log=log.info)
+        val_split = load_split(cfg, "val", progress=show, log=log.info)
+    cfg, rt = resolve(cfg, num_classes=train_split.num_classes)
+    num_classes = check_num_classes(cfg, train_split)
 
-    Only the images the episodes use are embedded (at most episodes × ways ×
-    (shots + queries): 8,000 for 100 1-shot episodes, against 124,261 images in
-    tieredImageNet's val split); features are per-image in eval mode, so the
-    result is that of embedding the whole split.
-    """
-    used, local = torch.unique(episodes, return_inverse=True)  # local: episodes re-indexed into used
-    feats = extract_features(
-        model.backbone,
-        val_split,
-        cfg,
-        device,
-        autocast_dtype,
-        channels_last,
-        progress=progress,
-        desc="val features",
-        indices=used.numpy(),
+    model = build_model(cfg, num_classes).to(rt.device)
+    model = model.to(memory_format=rt.memory_format)  # type: ignore[call-overload]
+    if cfg.train.sync_bn and dist.world_size() > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.train.compile:
+        model.backbone.compile()  # in place: the checkpoint keys stay the module's own
+    optimizer, per_process, base_lr = make_optimizer(cfg, model)
+    episodes = sample_episodes(
+        val_split.labels, cfg.val.n_way, cfg.val.n_shot, cfg.val.n_query, cfg.val.n_episodes,
+        cfg.val.episode_seed, val_split.class_names, where="val split",
+    )  # fmt: skip
+    state = TrainState(model, optimizer, episodes)
+    if resume_path := find_resume(work_dir, resume_from, auto_resume):
+        state.resume(resume_path, cfg)
+        log.info(f"resumed from {resume_path} at epoch {state.epoch + 1}, iteration {state.iteration}")
+    ddp = dist.wrap(model, rt.device)
+    loader = TrainLoader(
+        train_split, cfg, per_process, rt.device, dist.rank(), dist.world_size(), rt.channels_last
     )
-    kill_point("val")
-    return meta_test_episodes(feats, local, cfg.val, cfg.finetune, progress, desc="val episodes")
+    if main:
+        dump_config(cfg, work_dir / f"{cfg.name}.py")
+        log.info(
+            f"work dir {work_dir}; device {rt.device} × {dist.world_size()}; precision {rt.precision}; "
+            f"channels_last {rt.channels_last}; {num_classes} head classes; "
+            f"{len(loader)} iterations/epoch of {per_process} images per process"
+        )
+
+    t_start = time.time()
+    with StopRequest() as stop:
+        for epoch in tqdm(
+            range(state.epoch, cfg.train.epochs), desc="epochs", unit="epoch", initial=state.epoch,
+            total=cfg.train.epochs, disable=not show, dynamic_ncols=True,
+        ):  # fmt: skip
+            meter = Meter()
+            for images, labels, lr, data_time in train_batches(state, loader, cfg, base_lr, epoch, show):
+                with rt.autocast():
+                    logits, sims = ddp(images, labels)
+                loss = F.cross_entropy(logits, labels)
+                check_finite(loss, state, work_dir)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                kill_point(f"iter:{epoch * len(loader) + state.iteration + 1}")
+                state.iteration += 1
+                meter.add(loss=float(loss.item()), accuracy=float((sims.argmax(1) == labels).float().mean()) * 100,
+                          data_time=data_time)  # fmt: skip
+                log_step(log, meter, state, cfg, epoch, len(loader), lr)
+                if stop.requested(rt.device):
+                    stop.exit(log, state, cfg, work_dir, f"epoch {epoch + 1}, iteration {state.iteration}")
+            state.epoch, state.iteration = epoch + 1, 0
+            after_epoch(state, cfg, rt, val_split, work_dir, log, show, len(loader))
+            if stop.requested(rt.device):
+                stop.exit(log, state, cfg, work_dir, f"the end of epoch {epoch + 1}")
+    summary = {
+        "work_dir": str(work_dir),
+        "best_accuracy_mean": state.best,
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": str(work_dir / "best_accuracy_mean.pth"),
+        "train_seconds": round(time.time() - t_start, 1),
+        "history": state.history,
+    }
+    if main and state.best is not None:
+        log.info(
+            f"done: best val accuracy {state.best:.2f} at epoch {state.best_epoch}; "
+            f"checkpoint {work_dir / 'best_accuracy_mean.pth'}"
+        )
+    dist.barrier()
+    return summary
 
 
-def _check_resume_config(cfg: Config, ckpt: dict, path: Path) -> None:
+# --------------------------------------------------------------------------- set-up
+
+
+def check_num_classes(cfg: Config, train_split: PackedSplit) -> int:
+    num_classes = int(cfg.model.num_classes or train_split.num_classes)
+    if num_classes < train_split.num_classes:
+        raise ConfigError(
+            f"model.num_classes={num_classes} but the train split has {train_split.num_classes} "
+            "classes; raise it or set it to None (take it from the data)"
+        )
+    return num_classes
+
+
+def make_optimizer(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer, int, float]:
+    """SGD and the DDP batch rule: (optimizer, images per process, learning rate).
+
+    ``ddp_scaling="none"`` splits the global batch over the processes and keeps the
+    learning rate; ``"linear"`` keeps ``batch_size`` per process and multiplies the
+    learning rate by the number of processes.
+    """
+    world = dist.world_size()
+    if cfg.train.ddp_scaling == "linear":
+        per_process, base_lr = cfg.train.batch_size, cfg.train.lr * world
+    elif cfg.train.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} does not split over {world} "
+            "processes; use a multiple or train.ddp_scaling='linear'"
+        )
+    else:
+        per_process, base_lr = cfg.train.batch_size // world, cfg.train.lr
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=base_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+    )
+    return optimizer, per_process, base_lr
+
+
+def find_resume(work_dir: Path, resume_from: str | Path | None, auto_resume: bool) -> Path | None:
+    if resume_from:
+        return Path(resume_from)
+    latest = work_dir / "latest.pth"
+    return latest if auto_resume and latest.is_file() else None
+
+
+# --------------------------------------------------------------------------- the state
+
+
+@dataclass
+class TrainState:
+    """Where a run is; its checkpoint holds exactly :attr:`KEYS` (see ``to_checkpoint``).
+
+    ``epoch``: epochs completed; ``iteration``: iterations done in the next epoch
+    (non-zero only for a run stopped mid-epoch). Batches and augmentations are a
+    pure function of (seed, epoch, iteration), so these two numbers are the data
+    position, and the learning rate is a pure function of them and the config.
+    """
+
+    model: FewShotModel
+    optimizer: torch.optim.Optimizer
+    val_episodes: Tensor  # (episodes, n_way, n_shot + n_query) indices, fixed for the run
+    epoch: int = 0
+    iteration: int = 0
+    best: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    KEYS = ("model", "config", "epoch", "iteration", "best_score", "best_epoch", "optimizer", "rng",
+            "val_episodes", "history")  # fmt: skip
+
+    def to_checkpoint(self, cfg: Config) -> dict[str, Any]:
+        values = {
+            "model": self.model.state_dict(),
+            "config": cfg.to_dict(),  # the resolved config
+            "epoch": self.epoch,
+            "iteration": self.iteration,
+            "best_score": self.best,
+            "best_epoch": self.best_epoch,
+            "optimizer": self.optimizer.state_dict(),
+            "rng": rng_state(),
+            "val_episodes": self.val_episodes,
+            "history": self.history,
+        }
+        assert tuple(values) == self.KEYS  # one list of keys, written and read in one place
+        return values
+
+    def save(self, path: Path, cfg: Config) -> None:
+        if dist.is_main():
+            save_checkpoint(path, self.to_checkpoint(cfg))
+
+    def resume(self, path: Path, cfg: Config) -> None:
+        ckpt = load_checkpoint(path)
+        check_resume_config(cfg, ckpt, path)
+        load_model_weights(self.model, ckpt, path, cfg.model.backbone)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
+        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt["iteration"])
+        self.best, self.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
+        self.history = list(ckpt["history"])
+        self.val_episodes = ckpt["val_episodes"]
+
+
+def check_resume_config(cfg: Config, ckpt: dict[str, Any], path: Path) -> None:
     old = ckpt.get("config")
-    if not old:
+    if not old or "iteration" not in ckpt:
         raise CheckpointError(f"'{path}' has no training state to resume (an imported checkpoint?)")
     new = cfg.to_dict()
     for section, key in (
@@ -170,280 +250,167 @@ def _check_resume_config(cfg: Config, ckpt: dict, path: Path) -> None:
             )
 
 
-def run(
+# --------------------------------------------------------------------------- one epoch
+
+
+def train_batches(
+    state: TrainState,
+    loader: TrainLoader,
     cfg: Config,
-    work_dir: str | Path,
-    resume_from: str | Path | None = None,
-    auto_resume: bool = False,
-    progress: bool = True,
-) -> dict:
-    """Train, validate and checkpoint; returns a summary dict."""
-    work_dir = Path(work_dir)
-    device = dist.local_device(cfg.train.device)
-    dist.init(device)
-    rank, world = dist.rank(), dist.world_size()
-    main = rank == 0
-    if main:
-        ensure_writable_dir(work_dir)
-    dist.barrier()
-    seed_everything(cfg.train.seed, cfg.train.deterministic)
-    log = RunLog(work_dir, enabled=main)
-    show = progress and main
-
-    # Data: the main process prepares the caches, the others then open them.
-    def splits():
-        return load_split(cfg, "train", progress=show, log=log.info), load_split(
-            cfg, "val", progress=show, log=log.info
-        )
-
-    if main:
-        train_split, val_split = splits()
-    dist.barrier()
-    if not main:
-        train_split, val_split = splits()
-
-    num_classes = cfg.model.num_classes or train_split.num_classes
-    if num_classes < train_split.num_classes:
-        raise ConfigError(
-            f"model.num_classes={num_classes} but the train split has {train_split.num_classes} "
-            "classes; raise it or set it to None (take it from the data)"
-        )
-    val_episodes = sample_episodes(
-        val_split.labels,
-        cfg.val.n_way,
-        cfg.val.n_shot,
-        cfg.val.n_query,
-        cfg.val.n_episodes,
-        cfg.val.episode_seed,
-        val_split.class_names,
-        where="val split",
-    )
-
-    model = build_model(cfg, num_classes).to(device)
-    precision, autocast_dtype = resolve_precision(cfg, device)
-    channels_last = resolve_channels_last(cfg)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.train.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    if cfg.train.ddp_scaling == "linear":
-        per_process, base_lr = cfg.train.batch_size, cfg.train.lr * world
-    else:
-        if cfg.train.batch_size % world:
-            raise ConfigError(
-                f"train.batch_size={cfg.train.batch_size} does not split over {world} "
-                "processes; use a multiple or train.ddp_scaling='linear'"
-            )
-        per_process, base_lr = cfg.train.batch_size // world, cfg.train.lr
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=base_lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
-    )
-    trainee: nn.Module = Trainee(model, autocast_dtype, compile=cfg.train.compile)
-    if world > 1:
-        trainee = nn.parallel.DistributedDataParallel(
-            trainee, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    loader = TrainLoader(train_split, cfg, per_process, device, rank, world, channels_last)
+    base_lr: float,
+    epoch: int,
+    show: bool,
+) -> Iterator[tuple[Tensor, Tensor, float, float]]:
+    """Yield (images, labels, lr, data_time) for the rest of ``epoch``, setting each step's lr."""
     iters = len(loader)
+    with tqdm(
+        total=iters, initial=state.iteration, desc=f"epoch {epoch + 1}", unit="it", leave=False,
+        disable=not show, dynamic_ncols=True,
+    ) as bar:  # fmt: skip
+        for images, labels, data_time in loader.epoch(epoch, state.iteration):
+            lr = lr_at(cfg.train, epoch * iters + state.iteration, epoch, base_lr)
+            for group in state.optimizer.param_groups:
+                group["lr"] = lr
+            yield images, labels, lr, data_time
+            bar.update(1)
 
-    start_epoch, start_iter, best, best_epoch, history = 0, 0, None, None, []
-    resume_path = Path(resume_from) if resume_from else None
-    if resume_path is None and auto_resume and (work_dir / "latest.pth").is_file():
-        resume_path = work_dir / "latest.pth"
-    if resume_path is not None:
-        ckpt = load_checkpoint(resume_path)
-        _check_resume_config(cfg, ckpt, resume_path)
-        load_model_weights(model, ckpt, resume_path, cfg.model.backbone)
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"])
-        start_epoch, start_iter = ckpt["sampler"]["epoch"], ckpt["sampler"]["iteration"]
-        best, best_epoch = ckpt.get("best_score"), ckpt.get("best_epoch")
-        history = list(ckpt.get("history", []))
-        val_episodes = ckpt.get("val_episodes", val_episodes)
-        log.info(f"resumed from {resume_path} at epoch {start_epoch + 1}, iteration {start_iter}")
 
-    def checkpoint(epoch_pos: int, iter_pos: int) -> dict:
-        return {
-            "model": model.state_dict(),
-            "config": cfg.to_dict(),
-            "backbone": cfg.model.backbone,
-            "num_classes": num_classes,
-            "feature_dim": model.num_features,
-            "epoch": epoch_pos,
-            "iteration": epoch_pos * iters + iter_pos,
-            "best_score": best,
-            "best_epoch": best_epoch,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": {"iteration": epoch_pos * iters + iter_pos, "base_lr": base_lr},
-            "sampler": {"epoch": epoch_pos, "iteration": iter_pos, "seed": cfg.train.seed},
-            "rng": rng_state(),
-            "val_episodes": val_episodes,
-            "history": history,
-        }
-
-    if main:
-        dump_config(cfg, work_dir / f"{cfg.name}.py")
-        log.info(
-            f"work dir {work_dir}; device {device} × {world}; precision {precision}; "
-            f"channels_last {channels_last}; {num_classes} head classes; "
-            f"{iters} iterations/epoch of {per_process} images per process"
+def check_finite(loss: Tensor, state: TrainState, work_dir: Path) -> None:
+    value = float(loss.item())
+    if not math.isfinite(value):
+        last = work_dir / "latest.pth"
+        raise NonFiniteLossError(
+            f"loss is {value} at epoch {state.epoch + 1}, iteration {state.iteration + 1}; training "
+            f"stopped before writing these weights. Last good checkpoint: "
+            f"{last if last.is_file() else 'none yet'}. Lower train.lr or check the data."
         )
-    t_start = time.time()
-    epoch_bar = tqdm(
-        range(start_epoch, cfg.train.epochs),
-        desc="epochs",
-        unit="epoch",
-        initial=start_epoch,
-        total=cfg.train.epochs,
-        disable=not show,
-        dynamic_ncols=True,
+
+
+class Meter:
+    """Running means of a logging interval."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.t_last = time.perf_counter()
+
+    def add(self, **values: float) -> None:
+        now = time.perf_counter()
+        values["time"] = now - self.t_last
+        self.t_last = now
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        out = {k: v / self.n for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
+
+
+def log_step(
+    log: RunLog, meter: Meter, state: TrainState, cfg: Config, epoch: int, iters: int, lr: float
+) -> None:
+    """Every ``train.log_interval`` iterations (and at the epoch's end): the interval's means."""
+    it = state.iteration
+    if it % cfg.train.log_interval and it != iters:
+        return
+    m = meter.means()
+    log.record(mode="train", epoch=epoch + 1, iter=it, global_iter=epoch * iters + it, lr=lr, loss=m["loss"],
+               accuracy=m["accuracy"], time=m["time"], data_time=m["data_time"])  # fmt: skip
+    log.info(
+        f"Epoch [{epoch + 1}][{it}/{iters}]  lr: {lr:.4e}, time: {m['time']:.3f}, data_time: "
+        f"{m['data_time']:.3f}, loss: {m['loss']:.4f}, accuracy: {m['accuracy']:.2f}"
     )
-    with StopRequest() as stop:
-        for epoch in epoch_bar:
-            trainee.train()
-            meters = {"loss": 0.0, "acc": 0.0, "time": 0.0, "data": 0.0, "n": 0}
-            t_last = time.perf_counter()
-            bar = tqdm(
-                total=iters,
-                initial=start_iter,
-                desc=f"epoch {epoch + 1}",
-                unit="it",
-                leave=False,
-                disable=not show,
-                dynamic_ncols=True,
-            )
-            for it, (images, labels, data_time) in enumerate(
-                loader.epoch(epoch, start_iter), start=start_iter
-            ):
-                global_it = epoch * iters + it
-                lr = lr_at(cfg.train, global_it, epoch, base_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                logits, sims = trainee(images, labels)
-                loss = F.cross_entropy(logits, labels)
-                loss_value = float(loss.item())
-                if not math.isfinite(loss_value):
-                    last = work_dir / "latest.pth"
-                    raise NonFiniteLossError(
-                        f"loss is {loss_value} at epoch {epoch + 1}, iteration {it + 1} (global "
-                        f"{global_it + 1}); training stopped before writing these weights. Last good "
-                        f"checkpoint: {last if last.is_file() else 'none yet'}. Lower train.lr or check the data."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                kill_point(f"iter:{global_it + 1}")
-                now = time.perf_counter()
-                meters["loss"] += loss_value
-                meters["acc"] += float((sims.argmax(1) == labels).float().mean()) * 100
-                meters["time"] += now - t_last
-                meters["data"] += data_time
-                meters["n"] += 1
-                t_last = now
-                bar.update(1)
-                if (it + 1) % cfg.train.log_interval == 0 or it + 1 == iters:
-                    n = meters["n"]
-                    record = {
-                        "mode": "train",
-                        "epoch": epoch + 1,
-                        "iter": it + 1,
-                        "global_iter": global_it + 1,
-                        "lr": lr,
-                        "loss": meters["loss"] / n,
-                        "accuracy": meters["acc"] / n,
-                        "time": meters["time"] / n,
-                        "data_time": meters["data"] / n,
-                    }
-                    log.record(**record)
-                    log.info(
-                        f"Epoch [{epoch + 1}][{it + 1}/{iters}]  lr: {lr:.4e}, "
-                        f"time: {record['time']:.3f}, data_time: {record['data_time']:.3f}, "
-                        f"loss: {record['loss']:.4f}, accuracy: {record['accuracy']:.2f}"
-                    )
-                    meters = {"loss": 0.0, "acc": 0.0, "time": 0.0, "data": 0.0, "n": 0}
-                if stop.requested(device):
-                    bar.close()
-                    if main:
-                        save_checkpoint(work_dir / "latest.pth", checkpoint(epoch, it + 1))
-                    msg = (
-                        f"stopped by signal at epoch {epoch + 1}, iteration {it + 1}; wrote "
-                        f"{work_dir / 'latest.pth'}. Resume with the same command plus --auto-resume"
-                    )
-                    log.info(msg)
-                    dist.shutdown()
-                    raise SystemExit(msg)
-            bar.close()
-            start_iter = 0
 
-            last_epoch = epoch + 1 == cfg.train.epochs
-            if (epoch + 1) % cfg.val.interval == 0 or last_epoch:
-                t_val = time.perf_counter()
-                result = validate(
-                    model, val_split, cfg, device, val_episodes, autocast_dtype, channels_last, show
-                )
-                val_seconds = time.perf_counter() - t_val
-                improved = best is None or result.mean > best
-                if improved:
-                    best, best_epoch = result.mean, epoch + 1
-                history.append(
-                    {"epoch": epoch + 1, "accuracy_mean": result.mean, "accuracy_ci95": result.ci95}
-                )
-                log.record(
-                    mode="val",
-                    epoch=epoch + 1,
-                    iter=(epoch + 1) * iters,
-                    accuracy_mean=result.mean,
-                    accuracy_ci95=result.ci95,
-                    best=best,
-                    seconds=round(val_seconds, 2),
-                )
-                log.info(
-                    f"Epoch(val) [{epoch + 1}]  {result.line()}"
-                    + ("  (best so far)" if improved else f"  (best {best:.2f} at epoch {best_epoch})")
-                )
-                if improved and main:
-                    save_checkpoint(work_dir / "best_accuracy_mean.pth", checkpoint(epoch + 1, 0))
-            if main and ((epoch + 1) % cfg.train.checkpoint_interval == 0 or last_epoch):
-                save_checkpoint(work_dir / f"epoch_{epoch + 1}.pth", checkpoint(epoch + 1, 0))
-            if main:
-                save_checkpoint(work_dir / "latest.pth", checkpoint(epoch + 1, 0))
-            if stop.requested(device):
-                msg = (
-                    f"stopped by signal after epoch {epoch + 1}; resume with the same command "
-                    "plus --auto-resume"
-                )
-                log.info(msg)
-                dist.shutdown()
-                raise SystemExit(msg)
-    epoch_bar.close()
-    summary = {
-        "work_dir": str(work_dir),
-        "best_accuracy_mean": best,
-        "best_epoch": best_epoch,
-        "best_checkpoint": str(work_dir / "best_accuracy_mean.pth"),
-        "train_seconds": round(time.time() - t_start, 1),
-        "history": history,
-    }
-    if main and best is not None:
+
+# --------------------------------------------------------------------------- after an epoch
+
+
+def after_epoch(
+    state: TrainState,
+    cfg: Config,
+    rt: Runtime,
+    val_split: PackedSplit,
+    work_dir: Path,
+    log: RunLog,
+    show: bool,
+    iters: int,
+) -> None:
+    """Validate when due (and after the last epoch), keep the best, write the epoch's checkpoints."""
+    epoch = state.epoch
+    if epoch % cfg.val.interval == 0 or epoch == cfg.train.epochs:
+        t_val = time.perf_counter()
+        result = validate(state.model, val_split, cfg, rt, state.val_episodes, show)
+        improved = state.best is None or result.mean > state.best
+        if improved:
+            state.best, state.best_epoch = result.mean, epoch
+        state.history.append({"epoch": epoch, "accuracy_mean": result.mean, "accuracy_ci95": result.ci95})
+        log.record(mode="val", epoch=epoch, iter=epoch * iters, accuracy_mean=result.mean,
+                   accuracy_ci95=result.ci95, best=state.best, seconds=round(time.perf_counter() - t_val, 2))  # fmt: skip
         log.info(
-            f"done: best val accuracy {best:.2f} at epoch {best_epoch}; "
-            f"checkpoint {work_dir / 'best_accuracy_mean.pth'}"
+            f"Epoch(val) [{epoch}]  {result.line()}"
+            + ("  (best so far)" if improved else f"  (best {state.best:.2f} at epoch {state.best_epoch})")
         )
-    dist.barrier()
-    return summary
+        if improved:
+            state.save(work_dir / "best_accuracy_mean.pth", cfg)
+    if epoch % cfg.train.checkpoint_interval == 0 or epoch == cfg.train.epochs:
+        state.save(work_dir / f"epoch_{epoch}.pth", cfg)
+    state.save(work_dir / "latest.pth", cfg)
 
 
-def work_dir_for(cfg: Config, override: str | Path | None) -> Path:
-    """``work_dir/<config name>`` by default (the seed README's layout)."""
-    return Path(override) if override else Path("work_dir") / cfg.name
+def validate(
+    model: FewShotModel, val_split: PackedSplit, cfg: Config, rt: Runtime, episodes: Tensor, progress: bool
+) -> MetaTestResult:
+    """Meta-test the current backbone on the fixed val episodes (split across ranks).
+
+    Only the images the episodes use are embedded (at most episodes × ways ×
+    (shots + queries): 8,000 for 100 1-shot episodes, against 124,261 images in
+    tieredImageNet's val split); features are per-image in eval mode, so the
+    result is that of embedding the whole split.
+    """
+    used, local = torch.unique(episodes, return_inverse=True)  # local: episodes re-indexed into used
+    feats = extract_features(
+        model.backbone, val_split, cfg, rt, progress=progress, desc="val features", indices=used.numpy()
+    )
+    kill_point("val")
+    return meta_test_episodes(feats, local, cfg.val, cfg.finetune, progress, desc="val episodes")
 
 
-def with_overrides(cfg: Config, seed: int | None, deterministic: bool, data_root: str | None) -> Config:
-    train = cfg.train
-    if seed is not None:
-        train = replace(train, seed=seed)
-    if deterministic:
-        train = replace(train, deterministic=True)
-    data = replace(cfg.data, root=data_root) if data_root else cfg.data
-    return replace(cfg, train=train, data=data).validate()
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. a test's thread)
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))  # a second signal stops at once
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def requested(self, device: torch.device) -> bool:
+        flag = self.signal is not None
+        if dist.world_size() > 1:  # every rank must stop at the same step
+            flag = dist.all_reduce_mean(float(flag), device) > 0
+        return flag
+
+    def exit(self, log: RunLog, state: TrainState, cfg: Config, work_dir: Path, where: str) -> None:
+        """Write ``latest.pth`` at this point and leave with a message saying how to resume."""
+        state.save(work_dir / "latest.pth", cfg)
+        msg = (
+            f"stopped by signal at {where}; wrote {work_dir / 'latest.pth'}. "
+            "Resume with the same command plus --auto-resume"
+        )
+        log.info(msg)
+        dist.shutdown()
+        raise SystemExit(msg)

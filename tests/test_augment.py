@@ -10,9 +10,10 @@ from PIL import Image, ImageEnhance
 
 from negmargin.augment import (
     color_jitter,
-    eval_transform_batch,
+    eval_view,
     sample_crop_boxes,
     sample_params,
+    to_input,
     train_batch,
 )
 from negmargin.config import AugmentConfig
@@ -210,6 +211,6 @@ def test_jitter_degenerates():
 
 def test_eval_transform_is_centre_crop_of_stored_image():
     img = torch.from_numpy(smooth_image(np.random.default_rng(2), 96, 130))[None]
-    out = eval_transform_batch(img, 96, 84, "cv2", (0, 0, 0), (1, 1, 1))
+    out = to_input(eval_view(img[0].numpy(), 96, 84, "cv2")[None], (0, 0, 0), (1, 1, 1), torch.device("cpu"))
     left = round((130 - 84) / 2)
     assert torch.equal(out[0], img[0, 6:90, left : left + 84].permute(2, 0, 1).float())

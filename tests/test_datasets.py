@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import pickle
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -288,7 +289,7 @@ def test_omniglot_splits_rotations_and_grayscale(tmp_path):
     val, test = read_source(cfg, "val"), read_source(cfg, "test")
     assert {n.split("/")[0] for n in val.class_names} == set(VAL_ALPHABETS)
     assert {n.split("/")[0] for n in test.class_names} == {"Tibetan", "ULOG"}
-    cfg.data.options = {"rotations": True}
+    cfg = replace(cfg, data=replace(cfg.data, options={"rotations": True}))
     rot = read_source(cfg, "train")
     assert len(rot.class_names) == 24 and rot.class_names[6] == "Greek/character01@rot90"
     packed = prepare(rot, StorePolicy(28, False, "pil", 1), tmp_path / "c", workers=1, progress=False)
@@ -399,7 +400,7 @@ def test_cache_resizes_train_and_test_splits_as_documented(tmp_path):
         "folder", root, tmp_path, image_size=32, train_store_size=64, options={"split_fractions": (1, 0, 0)}
     )
     assert load_split(cfg, "train", progress=False).image(0).shape == (64, 128, 3)  # short side 64
-    cfg.data.options = {"split_fractions": (0, 0, 1)}
+    cfg = replace(cfg, data=replace(cfg.data, options={"split_fractions": (0, 0, 1)}))
     assert load_split(cfg, "test", progress=False).image(0).shape == (36, 72, 3)  # int(32·1.15) = 36
 
 
@@ -414,7 +415,7 @@ def test_corrupt_image_is_listed_and_can_be_skipped(tmp_path):
     msg = str(err.value)
     assert "2 unreadable image(s)" in msg and "broken.jpg" in msg and "empty.png" in msg
     assert "skip_bad_images" in msg
-    cfg.data.skip_bad_images = True
+    cfg = replace(cfg, data=replace(cfg.data, skip_bad_images=True))
     assert len(load_split(cfg, "train", progress=False)) == 18
 
 

@@ -1,21 +1,23 @@
 """The batched small-basis fine-tune against a plain one-episode reference."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from negmargin.config import EvalConfig, FinetuneConfig
+from negmargin.config import EvalConfig
 from negmargin.episodes import sample_episodes
 from negmargin.errors import DataError
 from negmargin.finetune import (
-    FinetuneSettings,
+    FinetuneConfig,
     compute_grams,
     episode_randomness,
     finetune,
     query_scores,
     step_positions,
 )
-from negmargin.metatest import MetaTestResult, meta_test, run_episodes
+from negmargin.meta_test import MetaTestResult, meta_test, run_episodes
 from negmargin.testing import reference_episode
 
 
@@ -23,18 +25,18 @@ from negmargin.testing import reference_episode
 def test_batched_engine_matches_reference(dim, shot):
     torch.manual_seed(dim + shot)
     E, K, q = 6, 5, 75
-    s = FinetuneSettings(steps=150 if shot == 1 else 600)
+    s, steps = FinetuneConfig(), (150 if shot == 1 else 600)
     n = K * shot
     feats = torch.relu(torch.randn(E, n + q, dim))
     support, query = feats[:, :n], feats[:, n:]
     labels = torch.arange(K).repeat_interleave(shot).expand(E, n)
-    init, orders = episode_randomness(torch.arange(E), K, dim, n, s)
+    init, orders = episode_randomness(torch.arange(E), K, dim, n, s, steps)
     grams = compute_grams(support, init, query)
-    head = finetune(grams, labels, orders, s)
+    head = finetune(grams, labels, orders, s, steps)
     weights = head.weights(support, init).float()
     preds = query_scores(grams, head).argmax(-1)
     for e in range(E):
-        ref_w, ref_pred = reference_episode(support[e], labels[e], query[e], init[e], orders[e], s)
+        ref_w, ref_pred = reference_episode(support[e], labels[e], query[e], init[e], orders[e], s, steps)
         assert (ref_w - weights[e]).abs().max().item() <= 1e-4
         assert torch.equal(ref_pred, preds[e])
         assert (ref_w - init[e]).abs().max() > 1e-3  # the head really moved
@@ -42,32 +44,32 @@ def test_batched_engine_matches_reference(dim, shot):
 
 def test_uneven_shots_match_reference():
     torch.manual_seed(7)
-    s = FinetuneSettings(steps=200)
+    s, steps = FinetuneConfig(), 200
     labels = torch.tensor([0, 0, 0, 1, 2, 2, 1, 0, 2])
     support, query = torch.randn(9, 64), torch.randn(12, 64)
-    init, orders = episode_randomness([3], 3, 64, 9, s)
+    init, orders = episode_randomness([3], 3, 64, 9, s, steps)
     grams = compute_grams(support[None], init, query[None])
-    head = finetune(grams, labels[None], orders, s)
-    ref_w, ref_pred = reference_episode(support, labels, query, init[0], orders[0], s)
+    head = finetune(grams, labels[None], orders, s, steps)
+    ref_w, ref_pred = reference_episode(support, labels, query, init[0], orders[0], s, steps)
     assert (ref_w - head.weights(support[None], init)[0].float()).abs().max() <= 1e-4
     assert torch.equal(ref_pred, query_scores(grams, head)[0].argmax(-1))
 
 
 def test_batch_orders_keep_the_last_partial_batch_and_reshuffle():
-    s = FinetuneSettings(steps=150)
-    _, orders = episode_randomness([0], 5, 8, 5, s)  # 1-shot: batches of 4 then 1
+    s = FinetuneConfig()
+    _, orders = episode_randomness([0], 5, 8, 5, s, 150)  # 1-shot: batches of 4 then 1
     sizes = [step_positions(orders, t, 4).shape[1] for t in range(6)]
     assert sizes == [4, 1, 4, 1, 4, 1]
     assert orders.shape[1] == 75 and all(sorted(row.tolist()) == list(range(5)) for row in orders[0])
     assert len({tuple(r.tolist()) for r in orders[0]}) > 10  # reshuffled every pass
-    _, orders5 = episode_randomness([0], 5, 8, 25, FinetuneSettings(steps=600))
+    _, orders5 = episode_randomness([0], 5, 8, 25, FinetuneConfig(), 600)
     assert [step_positions(orders5, t, 4).shape[1] for t in range(7)] == [4] * 6 + [1]
 
 
 def test_init_is_kaiming_uniform_and_per_episode():
-    s = FinetuneSettings()
-    a, _ = episode_randomness([0, 1, 2], 5, 1600, 5, s)
-    b, _ = episode_randomness([2, 0], 5, 1600, 5, s)
+    s = FinetuneConfig()
+    a, _ = episode_randomness([0, 1, 2], 5, 1600, 5, s, 150)
+    b, _ = episode_randomness([2, 0], 5, 1600, 5, s, 150)
     assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
     assert a.abs().max() <= 1 / 40 and a.abs().max() > 0.99 / 40  # uniform(±1/√1600)
 
@@ -100,10 +102,10 @@ def test_chunking_and_splitting_do_not_change_results():
     labels = np.repeat(np.arange(10), 25)
     feats = torch.randn(len(labels), 32) + torch.randn(10, 32).repeat_interleave(25, 0)
     ep = sample_episodes(labels, 5, 1, 15, 40, seed=0)
-    s = FinetuneSettings(steps=60)
-    full = run_episodes(feats, ep, torch.arange(40), 1, s, chunk_size=40)
-    chunked = run_episodes(feats, ep, torch.arange(40), 1, s, chunk_size=7)
-    odd = run_episodes(feats, ep[1::2], torch.arange(40)[1::2], 1, s, chunk_size=5)
+    s = FinetuneConfig()
+    full = run_episodes(feats, ep, torch.arange(40), 1, replace(s, chunk_size=40), 60)
+    chunked = run_episodes(feats, ep, torch.arange(40), 1, replace(s, chunk_size=7), 60)
+    odd = run_episodes(feats, ep[1::2], torch.arange(40)[1::2], 1, replace(s, chunk_size=5), 60)
     assert np.array_equal(full, chunked) and np.array_equal(full[1::2], odd)
     assert full.mean() > 50  # clustered features are easy
 

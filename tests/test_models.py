@@ -7,12 +7,20 @@ import torch.nn.functional as F
 from negmargin.backbones import BACKBONES, build_backbone
 from negmargin.config import TrainConfig
 from negmargin.errors import ConfigError
-from negmargin.heads import NegMarginHead
+from negmargin.head import NegMarginHead
 from negmargin.schedule import lr_at
 
+# Feature size at 84×84 and trainable parameters of every backbone in the registry.
+EXPECTED = {"conv4": (1600, 113_088), "resnet12": (640, 12_424_320)}
 
-@pytest.mark.parametrize(("name", "dim", "params"), [("conv4", 1600, 113_088), ("resnet12", 640, 12_424_320)])
-def test_backbone_shape_params_and_gradients(name, dim, params):
+
+def test_every_registered_backbone_has_expected_numbers():
+    assert set(EXPECTED) == set(BACKBONES)  # a new backbone must add its numbers here
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbone_shape_params_and_gradients(name):
+    dim, params = EXPECTED[name]
     torch.manual_seed(0)
     model = build_backbone(name)
     assert model.num_features == dim

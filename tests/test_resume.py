@@ -88,7 +88,7 @@ def test_sigterm_saves_mid_epoch_and_resumes_exactly(setup):
     assert proc.returncode != 0
     assert "stopped by signal" in err + out and "--auto-resume" in err + out
     state = weights(wd / "latest.pth")
-    assert state["sampler"]["iteration"] > 0 or state["sampler"]["epoch"] > 0
+    assert state["iteration"] > 0 or state["epoch"] > 0
     resumed = run_cli([*args, "--auto-resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_same_run(reference, wd)

@@ -14,6 +14,7 @@ import torch
 from negmargin import cli
 from negmargin.config import load_config
 from negmargin.errors import NonFiniteLossError
+from negmargin.runtime import resolve
 from negmargin.train import run
 
 from .conftest import REPO, run_cli, tiny_raw, write_config
@@ -27,7 +28,7 @@ def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, caps
         assert (wd / name).is_file(), name
     ckpt = torch.load(wd / "best_accuracy_mean.pth", weights_only=True)  # plain data only
     assert ckpt["format"] == "negmargin-checkpoint" and ckpt["config"]["model"]["margin"] == -0.01
-    assert set(ckpt) >= {"model", "optimizer", "epoch", "best_score", "scheduler", "rng", "val_episodes"}
+    assert set(ckpt) >= {"model", "optimizer", "epoch", "iteration", "best_score", "rng", "val_episodes"}
     assert ckpt["best_score"] == summary["best_accuracy_mean"] and ckpt["val_episodes"].shape == (10, 5, 6)
     records = [json.loads(line) for line in next(wd.glob("*.log.json")).read_text().splitlines()]
     train_rec = [r for r in records if r["mode"] == "train"]
@@ -36,7 +37,16 @@ def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, caps
     assert [r["epoch"] for r in val_rec] == [1, 2] and all(0 <= r["accuracy_mean"] <= 100 for r in val_rec)
     assert all(math.isfinite(r["loss"]) for r in train_rec)
     assert "Epoch(val) [2]" in next(wd.glob("*.log")).read_text()
-    assert load_config(wd / "tiny.py").to_dict() == cfg.to_dict()  # the resolved config reloads
+    # the dumped config is the resolved one (derived values explicit) and reloads as is
+    dumped = load_config(wd / "tiny.py")
+    assert dumped.to_dict() == resolve(cfg, num_classes=10)[0].to_dict()
+    assert (dumped.model.num_classes, dumped.data.test_resize, dumped.val.steps, dumped.meta_test.steps) == (
+        10,
+        36,
+        150,
+        150,
+    )
+    assert (dumped.train.device, dumped.train.precision) == ("cpu", "fp32")
 
     config = write_config(tmp_path / "tiny.py", cfg.to_dict())
     code = cli.test_main(
@@ -189,8 +199,10 @@ def test_demo_command_end_to_end(tmp_path, capsys):
 def test_validation_embeds_only_the_episodes_images_with_the_full_split_result(tiny_cfg):
     from negmargin.datasets import load_split
     from negmargin.episodes import sample_episodes
-    from negmargin.heads import build_model
-    from negmargin.metatest import extract_features, meta_test_episodes
+    from negmargin.features import extract_features
+    from negmargin.meta_test import meta_test_episodes
+    from negmargin.model import build_model
+    from negmargin.runtime import Runtime
     from negmargin.train import validate
 
     cfg = tiny_cfg(val={"n_query": 2, "n_episodes": 3})
@@ -200,8 +212,8 @@ def test_validation_embeds_only_the_episodes_images_with_the_full_split_result(t
     assert len(used) < len(val)  # the case where it matters: a subset of the split
     torch.manual_seed(0)
     model = build_model(cfg, 10)
-    cpu = torch.device("cpu")
-    sub = validate(model, val, cfg, cpu, episodes, None, False, False)
+    cpu = Runtime(torch.device("cpu"), "fp32", channels_last=False)
+    sub = validate(model, val, cfg, cpu, episodes, False)
     full = meta_test_episodes(
         extract_features(model.backbone, val, cfg, cpu, progress=False),
         episodes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
 from .base import SPLITS, SplitSource
@@ -21,6 +22,9 @@ from .mini_imagenet import read_mini_imagenet
 from .omniglot import read_omniglot
 from .tiered_imagenet import read_tiered_imagenet
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 DATASETS: dict[str, Callable[..., SplitSource]] = {
     "cub": read_cub,
     "mini_imagenet": read_mini_imagenet,
@@ -31,7 +35,7 @@ DATASETS: dict[str, Callable[..., SplitSource]] = {
 }
 
 
-def read_source(cfg, split: str) -> SplitSource:
+def read_source(cfg: Config, split: str) -> SplitSource:
     name = cfg.data.dataset
     if name not in DATASETS:
         raise ConfigError(
@@ -42,21 +46,21 @@ def read_source(cfg, split: str) -> SplitSource:
     return DATASETS[name](cfg.data.root, split, **cfg.data.options)
 
 
-def store_policy(cfg, split: str) -> StorePolicy:
+def store_policy(cfg: Config, split: str) -> StorePolicy:
     """Train images keep detail for RandomResizedCrop; val/test are stored at the test resize."""
     if split == "train":
         return StorePolicy(cfg.data.train_store_size, False, "pil", cfg.data.channels)
     return StorePolicy(cfg.test_resize, True, cfg.augment.interpolation, cfg.data.channels)
 
 
-def cache_dir_for(cfg) -> Path:
+def cache_dir_for(cfg: Config) -> Path:
     if cfg.data.cache_dir:
         return Path(cfg.data.cache_dir)
     return default_cache_dir(Path(cfg.data.root), cfg.data.dataset)
 
 
 def load_split(
-    cfg, split: str, progress: bool = True, log: Callable[[str], None] | None = None
+    cfg: Config, split: str, progress: bool = True, log: Callable[[str], None] | None = None
 ) -> PackedSplit:
     """Read ``split`` of the configured dataset through its packed cache."""
     source = read_source(cfg, split)
@@ -72,6 +76,3 @@ def load_split(
         f"{split}: {len(packed)} images, {packed.num_classes} classes — {source.layout}"
     )
     return packed
-
-
-__all__ = ["DATASETS", "PackedSplit", "SplitSource", "StorePolicy", "load_split", "read_source", "prepare"]

@@ -30,6 +30,7 @@ Stored sizes (why):
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -239,7 +240,7 @@ def prepare(
         os.replace(tmp, folder)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:
+        if exc.errno == errno.ENOSPC:
             raise DiskFullError(
                 f"disk full while preparing the cache in '{folder.parent}'; free space or set data.cache_dir"
             ) from None

@@ -17,6 +17,7 @@ Written as ``<root>/<class>/<i>.png`` plus ``train.txt``, ``val.txt``,
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,4 @@ def read_demo(
             f"n_classes={n_classes}"
         )
     generate(root, n_classes, n_images, tuple(split_sizes), seed)
-    source = read_folder(root, split)
-    source.dataset = "demo"
-    return source
+    return replace(read_folder(root, split), dataset="demo")

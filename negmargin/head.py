@@ -1,4 +1,4 @@
-"""The Neg-Margin classification head and the model that joins it to a backbone."""
+"""The Neg-Margin classification head (its margin sign convention is pinned by tests/test_models.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbones import build_backbone
 from .errors import ConfigError
 
 
@@ -74,33 +73,3 @@ class NegMarginHead(nn.Module):
     def forward(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """(B, D) features [, (B,) labels] → (B, C) logits."""
         return self.logits(self.similarity(x), labels)
-
-
-class FewShotModel(nn.Module):
-    """Backbone + training head. ``forward(images) -> features``."""
-
-    def __init__(self, backbone: nn.Module, head: NegMarginHead) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    @property
-    def num_features(self) -> int:
-        return int(self.backbone.num_features)
-
-    def forward(self, images: Tensor) -> Tensor:
-        return self.backbone(images)
-
-
-def build_model(cfg, num_classes: int) -> FewShotModel:
-    """Build backbone and head from a :class:`negmargin.config.Config`."""
-    backbone = build_backbone(cfg.model.backbone, cfg.data.channels, cfg.data.image_size)
-    head = NegMarginHead(
-        backbone.num_features,
-        num_classes,
-        metric=cfg.model.head,
-        margin=cfg.model.margin,
-        temperature=cfg.model.temperature,
-        allow_positive_margin=cfg.model.allow_positive_margin,
-    )
-    return FewShotModel(backbone, head)

@@ -1,6 +1,6 @@
-"""Meta-testing: extract a split's features once, draw episodes, fine-tune, score.
+"""The meta-test engine: draw episodes over a split's features, fine-tune, score.
 
-One engine serves validation during training (100 val episodes) and ``test.py``
+The features come from :mod:`negmargin.features`. One engine serves validation during training (100 val episodes) and ``test.py``
 (2000 episodes). :func:`run_episodes` is a pure function of (features, episodes,
 episode ids, settings): each episode's random head init and batch order depend
 only on its id, so the episodes can be split across chunks or processes and give
@@ -11,30 +11,26 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import contextlib
-import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed as dist
-from .augment import eval_crop_box, normalize
-from .config import Config, EvalConfig, FinetuneConfig, eval_steps
-from .datasets import PackedSplit
+from .config import EvalConfig
 from .episodes import sample_episodes
-from .finetune import FinetuneSettings, compute_grams, episode_randomness, finetune, query_scores
-from .resample import resize_array
+from .finetune import FinetuneConfig, fit_heads
 
 Z_95 = 1.96
 CHUNKS_PER_WORKER = 4  # chunks per core: balance when a core is shared with other work
 CHUNKS_MIN = 64  # episodes per chunk at least: smaller chunks pay Python's per-op cost
 
 
-@dataclass
+@dataclass(frozen=True)
 class MetaTestResult:
     accuracies: np.ndarray  # (n_episodes,) percent
     n_way: int
@@ -74,19 +70,6 @@ class MetaTestResult:
         )
 
 
-def settings_for(ev: EvalConfig, ft: FinetuneConfig) -> FinetuneSettings:
-    return FinetuneSettings(
-        steps=eval_steps(ev),
-        lr=ft.lr,
-        momentum=ft.momentum,
-        dampening=ft.dampening,
-        weight_decay=ft.weight_decay,
-        batch_size=ft.batch_size,
-        temperature=ft.temperature,
-        seed=ft.seed,
-    )
-
-
 def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes: int = 256 * 2**20) -> int:
     """Episodes per chunk so that the gathered features of a chunk stay within the budget."""
     per_episode = (n_support + n_query + n_way) * dim * 4 * 3  # features, normalised copies
@@ -94,7 +77,7 @@ def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes:
 
 
 @contextlib.contextmanager
-def intra_op_threads(n: int):
+def intra_op_threads(n: int) -> Iterator[None]:
     """Run torch's CPU ops on ``n`` threads inside the block, then restore the setting."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -120,11 +103,10 @@ def run_episodes(
     episodes: Tensor,
     episode_ids: Tensor,
     n_shot: int,
-    settings: FinetuneSettings,
-    chunk_size: int = 0,
+    settings: FinetuneConfig,
+    steps: int,
     progress: bool = False,
     desc: str = "meta-test",
-    threads: int = 0,
 ) -> np.ndarray:
     """Fine-tune and score every episode.
 
@@ -140,7 +122,10 @@ def run_episodes(
         features: (N, D) features of the split (any device).
         episodes: (E, n_way, n_shot + n_query) indices into ``features``.
         episode_ids: (E,) global ids, seeding each episode's head init and batch order.
-        threads: chunks fine-tuned at once; 0 = :func:`engine_workers`' choice.
+        settings: the fine-tune; its ``chunk_size`` (episodes per chunk, 0 = chosen
+            from memory and cores) and ``threads`` (chunks at once, 0 = :func:`engine_workers`'
+            choice) only decide how the work is split.
+        steps: SGD steps per episode.
 
     Returns:
         (E,) accuracy in percent over each episode's queries (independent of
@@ -151,8 +136,8 @@ def run_episodes(
     n = n_way * n_shot
     device = features.device
     dim = features.shape[1]
-    workers = engine_workers(device, threads)
-    chunk = chunk_size or min(
+    workers = engine_workers(device, settings.threads)
+    chunk = settings.chunk_size or min(
         auto_chunk(n, n_way * n_query, n_way, dim),
         max(CHUNKS_MIN, math.ceil(E / (CHUNKS_PER_WORKER * workers))),
     )
@@ -167,10 +152,10 @@ def run_episodes(
         m = stop - start
         support = features[ep[:, :, :n_shot].reshape(m, n)]
         query = features[ep[:, :, n_shot:].reshape(m, n_way * n_query)]
-        init, orders = episode_randomness(episode_ids[start:stop], n_way, dim, n, settings)
-        grams = compute_grams(support.float(), init.to(device), query.float())
-        head = finetune(grams, support_labels.expand(m, n), orders, settings)
-        pred = query_scores(grams, head).argmax(-1)
+        heads = fit_heads(
+            support, support_labels.expand(m, n), n_way, episode_ids[start:stop], settings, steps, query
+        )
+        pred = heads.scores().argmax(-1)
         out[start:stop] = (pred == query_labels).double().mean(-1).mul(100).cpu().numpy()
         bar.update(m)
 
@@ -195,7 +180,7 @@ def meta_test_episodes(
 ) -> MetaTestResult:
     """Meta-test given episodes; under torchrun each rank runs a strided share and the
     per-episode accuracies are gathered, so every rank returns the single-process result."""
-    settings = settings_for(ev, ft)
+    steps = ev.resolved_steps
     ids = torch.arange(len(episodes))
     rank, world = dist.rank(), dist.world_size()
     mine = ids[rank::world]
@@ -204,18 +189,17 @@ def meta_test_episodes(
         episodes[mine],
         mine,
         ev.n_shot,
-        settings,
-        ft.chunk_size,
+        ft,
+        steps,
         progress=progress and rank == 0,
         desc=desc,
-        threads=ft.threads,
     )
     if world > 1:
         full = np.empty(len(episodes), dtype=np.float64)
         for part_ids, part in dist.all_gather_object((mine.numpy(), accs)):
             full[part_ids] = part
         accs = full
-    return MetaTestResult(accs, ev.n_way, ev.n_shot, ev.n_query, settings.steps)
+    return MetaTestResult(accs, ev.n_way, ev.n_shot, ev.n_query, steps)
 
 
 def meta_test(
@@ -240,130 +224,3 @@ def meta_test(
         where=where,
     )
     return meta_test_episodes(features, episodes, ev, ft, progress, desc)
-
-
-# --------------------------------------------------------------------------- features
-
-
-def eval_view(image: np.ndarray, resize_short: int, size: int, mode: str) -> np.ndarray:
-    """The test transform's pixels for one stored image: resize short side, centre crop."""
-    h, w = image.shape[:2]
-    out_h, out_w, top, left = eval_crop_box(h, w, resize_short, size)
-    if (out_h, out_w) != (h, w):
-        image = resize_array(image, out_h, out_w, mode)
-    return image[top : top + size, left : left + size]
-
-
-def image_batches(packed: PackedSplit, cfg: Config, batch_size: int, indices=None):
-    """Yield (B, size, size, C) uint8 arrays of a split (or of ``indices`` of it, in that
-    order) under the test transform."""
-    size, short, mode = cfg.data.image_size, cfg.test_resize, cfg.augment.interpolation
-    order = range(len(packed)) if indices is None else [int(i) for i in indices]
-    for start in range(0, len(order), batch_size):
-        part = order[start : start + batch_size]
-        yield np.stack([eval_view(packed.image(i), short, size, mode) for i in part])
-
-
-def to_input(batch: np.ndarray, cfg: Config, device: torch.device, channels_last: bool = False) -> Tensor:
-    """(B, H, W, C) uint8 → normalised (B, C, H, W) float32 on ``device``."""
-    x = torch.from_numpy(batch).to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    x = normalize(x, cfg.data.mean, cfg.data.std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
-
-
-@torch.no_grad()
-def extract_features(
-    backbone: nn.Module,
-    packed: PackedSplit,
-    cfg: Config,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
-    progress: bool = True,
-    desc: str = "extract features",
-    indices=None,
-) -> Tensor:
-    """Features of a split's images: frozen backbone, eval mode, test transform.
-
-    Returns (N, D) float32 for every image, or (len(indices), D) for ``indices``
-    (row i = image ``indices[i]``) when given.
-    """
-    was_training = backbone.training
-    backbone.eval()
-    feats = []
-    bs = cfg.finetune.feature_batch_size
-    total = len(packed) if indices is None else len(indices)
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    for batch in image_batches(packed, cfg, bs, indices):
-        x = to_input(batch, cfg, device, channels_last)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            f = backbone(x)
-        feats.append(f.float())
-        bar.update(len(batch))
-    bar.close()
-    backbone.train(was_training)
-    return torch.cat(feats)
-
-
-def feature_cache_key(backbone: nn.Module, packed: PackedSplit, cfg: Config, precision: str) -> str:
-    """Checkpoint content + split + transform → a hex key."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    h.update(
-        repr(
-            (
-                packed.manifest["fingerprint"],
-                packed.manifest["policy"],
-                packed.split,
-                cfg.data.image_size,
-                cfg.test_resize,
-                tuple(cfg.data.mean),
-                tuple(cfg.data.std),
-                cfg.augment.interpolation,
-                precision,
-            )
-        ).encode()
-    )
-    return h.hexdigest()[:20]
-
-
-def cached_features(
-    backbone: nn.Module,
-    packed: PackedSplit,
-    cfg: Config,
-    device: torch.device,
-    cache_dir: Path | None,
-    autocast_dtype: torch.dtype | None = None,
-    precision: str = "fp32",
-    progress: bool = True,
-    log=print,
-) -> Tensor:
-    """:func:`extract_features`, reusing ``cache_dir/<split>-<key>.pt`` when the key matches."""
-    from .fileio import atomic_save
-
-    path = None
-    if cache_dir is not None:
-        key = feature_cache_key(backbone, packed, cfg, precision)
-        path = Path(cache_dir) / f"{packed.split}-{key}.pt"
-        if path.is_file():
-            try:
-                feats = torch.load(path, map_location="cpu", weights_only=True)
-                if isinstance(feats, Tensor) and feats.shape[0] == len(packed):
-                    log(f"features of {packed.split} loaded from cache {path}")
-                    return feats.to(device)
-            except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt
-                pass
-    feats = extract_features(
-        backbone,
-        packed,
-        cfg,
-        device,
-        autocast_dtype,
-        progress=progress,
-        desc=f"extract {packed.split} features",
-    )
-    if path is not None and dist.is_main():
-        atomic_save(path, lambda f: torch.save(feats.cpu(), f))
-    return feats
