@@ -15,8 +15,9 @@ process's peak RSS. All numbers of a row come from one run.
 process keeps one core busy (a plain CPU burner the bench starts and stops), as a
 shared server or a laptop always is. ``--variants`` adds two other ways to run the
 engine on a CPU, to show why the default is what it is: ``ops on all cores`` (one
-chunk at a time, each op split over torch's threads: the engine before this
-choice) and ``one thread`` (everything on one core).
+chunk of up to 1024 episodes at a time, each op split over torch's threads: the
+engine before this choice) and ``one thread`` (everything on one core, one chunk
+after the other).
 """
 
 from __future__ import annotations
@@ -35,8 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negmargin.episodes import sample_episodes  # noqa: E402
-from negmargin.finetune import FinetuneConfig, episode_randomness  # noqa: E402
-from negmargin.meta_test import intra_op_threads, run_episodes  # noqa: E402
+from negmargin.finetune import (  # noqa: E402
+    FinetuneConfig,
+    compute_grams,
+    episode_randomness,
+    finetune,
+    intra_op_threads,
+    query_scores,
+)
+from negmargin.meta_test import run_episodes  # noqa: E402
 from negmargin.testing import reference_episode  # noqa: E402  (the reference the tests check against)
 
 
@@ -63,12 +71,32 @@ class CpuBurner:
         self.proc.join()
 
 
+def ops_on_all_cores(feats, episodes, ids, shot, s, steps) -> np.ndarray:
+    """The engine as it ran before its parallelism was chosen: one chunk of up to 1024
+    episodes at a time, every op split over torch's threads (same algebra, same numbers)."""
+    E, n_way, per_class = episodes.shape
+    n, q = n_way * shot, n_way * (per_class - shot)
+    support_labels = torch.arange(n_way).repeat_interleave(shot)
+    query_labels = torch.arange(n_way).repeat_interleave(per_class - shot)
+    out = np.empty(E)
+    for start in range(0, E, 1024):
+        ep = episodes[start : start + 1024]
+        m = len(ep)
+        support, query = feats[ep[:, :, :shot].reshape(m, n)], feats[ep[:, :, shot:].reshape(m, q)]
+        init, orders = episode_randomness(ids[start : start + m], n_way, feats.shape[1], n, s, steps)
+        grams = compute_grams(support, init, query)
+        head = finetune(grams, support_labels.expand(m, n), orders, s, steps)
+        pred = query_scores(grams, head).argmax(-1)
+        out[start : start + m] = (pred == query_labels).double().mean(-1).mul(100).numpy()
+    return out
+
+
 def time_engine(
     feats, episodes, ids, shot, s, steps, device, variant: str = "default"
 ) -> tuple[float, np.ndarray]:
     def call():
         if variant == "ops on all cores":
-            return run_episodes(feats, episodes, ids, shot, replace(s, chunk_size=1024, threads=1), steps)
+            return ops_on_all_cores(feats, episodes, ids, shot, s, steps)
         if variant == "one thread":
             with intra_op_threads(1):
                 return run_episodes(feats, episodes, ids, shot, replace(s, threads=1), steps)

@@ -25,7 +25,7 @@ import pickle
 import random
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ FORMAT_VERSION = 1
 def rng_state() -> dict[str, Any]:
     """Global RNG states as checkpoint-safe data (tensors and plain values only)."""
     py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
+    np_state = cast(tuple, np.random.get_state())  # the legacy tuple form
+    state: dict[str, Any] = {
         "python": [py[0], list(py[1]), py[2]],
         "numpy": {
             "key": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -153,7 +153,7 @@ def import_reference(raw: dict[str, Any], path: Path) -> dict[str, Any]:
     if "head.weight" not in model:
         raise CheckpointError(f"'{path}' has no 'head.weight'; is it a Neg-Margin/Baseline++ checkpoint?")
     backbone = infer_backbone(model)
-    meta = raw.get("meta") if isinstance(raw.get("meta"), dict) else {}
+    meta: dict[str, Any] = raw["meta"] if isinstance(raw.get("meta"), dict) else {}
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

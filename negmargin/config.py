@@ -327,7 +327,9 @@ def _literal(node: ast.AST, path: Path) -> Any:
             raise ConfigError(f"{path}:{node.lineno}: use dict(key=value, ...) only")
         return {k.arg: _literal(k.value, path) for k in node.keywords}
     if isinstance(node, ast.Dict):
-        return {_literal(k, path): _literal(v, path) for k, v in zip(node.keys, node.values)}
+        if any(k is None for k in node.keys):
+            raise ConfigError(f"{path}:{node.lineno}: '**' is not allowed in a config dict")
+        return {_literal(k, path): _literal(v, path) for k, v in zip(node.keys, node.values) if k is not None}
     if isinstance(node, (ast.List, ast.Tuple)):
         items = [_literal(e, path) for e in node.elts]
         return items if isinstance(node, ast.List) else tuple(items)
@@ -392,7 +394,7 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, key + ".", source)
     origin, args = get_origin(hint), get_args(hint)
 

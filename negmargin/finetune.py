@@ -22,7 +22,9 @@ once. ``tests/test_finetune.py`` checks it against a plain ``nn.Module`` +
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,8 +207,28 @@ def finetune(
 
 def query_scores(grams: Grams, head: HeadState) -> Tensor:
     """Cosine of each query with each fine-tuned row: (E, q, K) (× T gives the logits)."""
+    if grams.QW is None or grams.QX is None:
+        raise ValueError("query_scores needs Grams computed with the queries")  # a caller's bug
     dots = head.c[:, None, :] * grams.QW + grams.QX @ head.A.transpose(1, 2)
     return dots / head.norm[:, None, :]
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """Run torch's CPU ops on ``n`` threads inside the block, then restore the setting.
+
+    The setting is process-wide: inside a block that already set ``n`` (e.g. the
+    meta-test's worker threads) this changes nothing, so nested uses do not race.
+    """
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -247,5 +269,9 @@ def fit_heads(
     init, orders = episode_randomness(episode_ids, n_way, dim, n, settings, steps)
     init = init.to(support.device)
     support = support.float()
-    grams = compute_grams(support, init, None if query is None else query.float())
-    return FittedHeads(support, init, grams, finetune(grams, support_labels, orders, settings, steps))
+    # The SGD steps are hundreds of tiny batched ops: on a CPU one core each (see
+    # negmargin.meta_test.run_episodes for the measurements); a GPU parallelises them itself.
+    with intra_op_threads(1) if support.device.type == "cpu" else contextlib.nullcontext():
+        grams = compute_grams(support, init, None if query is None else query.float())
+        head = finetune(grams, support_labels, orders, settings, steps)
+    return FittedHeads(support, init, grams, head)

@@ -10,9 +10,7 @@ the same per-episode accuracies.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +21,7 @@ from tqdm import tqdm
 from . import distributed as dist
 from .config import EvalConfig
 from .episodes import sample_episodes
-from .finetune import FinetuneConfig, fit_heads
+from .finetune import FinetuneConfig, fit_heads, intra_op_threads
 
 Z_95 = 1.96
 CHUNKS_PER_WORKER = 4  # chunks per core: balance when a core is shared with other work
@@ -74,17 +72,6 @@ def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes:
     """Episodes per chunk so that the gathered features of a chunk stay within the budget."""
     per_episode = (n_support + n_query + n_way) * dim * 4 * 3  # features, normalised copies
     return max(16, min(1024, budget_bytes // per_episode))
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """Run torch's CPU ops on ``n`` threads inside the block, then restore the setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def engine_workers(device: torch.device, threads: int = 0) -> int:

@@ -444,10 +444,10 @@ def write_predictions(
     elif rows:
         width = min(60, max(len(r["path"]) for r in rows))
         k = max(len(r["top_k"]) for r in rows)
-        header = f"{'image':<{width}}  {'predicted':<20} {'prob':>6}"
+        title = f"{'image':<{width}}  {'predicted':<20} {'prob':>6}"
         if k > 1:
-            header += "  " + "  ".join(f"top{i}" for i in range(2, k + 1))
-        print(header)
+            title += "  " + "  ".join(f"top{i}" for i in range(2, k + 1))
+        print(title)
         for r in rows:
             line = f"{r['path'][-width:]:<{width}}  {str(r['predicted']):<20} {r['probability']:>6.3f}"
             if k > 1:
@@ -462,7 +462,7 @@ def write_predictions(
         buf = io.StringIO()
         writer = csv.writer(buf)
         k = max((len(r["top_k"]) for r in rows), default=top_k)
-        header = ["path", "predicted", "probability"]
+        header: list[str] = ["path", "predicted", "probability"]
         for i in range(1, k + 1):
             header += [f"top{i}_class", f"top{i}_probability"]
         writer.writerow(header)

@@ -86,16 +86,18 @@ def resample(images: Tensor, rows: tuple[Tensor, Tensor], cols: tuple[Tensor, Te
     idx_x, w_x = cols
     batch = images.shape[0]
     b = torch.arange(batch, device=images.device)
-    tmp = None
+    tmp: Tensor | None = None
     for k in range(idx_y.shape[-1]):
         term = images[b[:, None], idx_y[:, :, k]].to(torch.float32) * w_y[:, :, k, None, None]
         tmp = term if tmp is None else tmp.add_(term)  # (B, out_h, W, C)
     rows_ix = torch.arange(idx_y.shape[1], device=images.device)
-    out = None
+    assert tmp is not None  # at least one tap
+    out: Tensor | None = None
     for k in range(idx_x.shape[-1]):
         term = tmp[b[:, None, None], rows_ix[None, :, None], idx_x[:, None, :, k]]
         term = term * w_x[:, None, :, k, None]
         out = term if out is None else out.add_(term)  # (B, out_h, out_w, C)
+    assert out is not None
     return out.permute(0, 3, 1, 2)
 
 

@@ -15,6 +15,8 @@ from negmargin.loader import EpochSampler
 
 from .conftest import REPO, run_cli, tiny_raw, write_config
 
+pytestmark = pytest.mark.multiprocess  # starts other processes
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -145,6 +145,7 @@ def test_bad_input_table(trained, capsys, name, command, args, expected):
     assert expected.format(t=tmp) in err[0]
 
 
+@pytest.mark.multiprocess
 def test_real_exit_code_and_no_traceback(trained):
     tmp, raw, config, ckpt = trained
     done = run_cli(

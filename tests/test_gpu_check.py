@@ -8,8 +8,9 @@ import pytest
 
 from .conftest import REPO, run_cli
 
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
-@pytest.mark.slow
+
 def test_gpu_check_smoke_runs_every_section_and_says_no_gpu_was_measured(tmp_path):
     out = tmp_path / "gpu_check.json"
     done = run_cli([str(REPO / "bench/gpu_check.py"), "--smoke", "--device", "cpu", "--out", str(out)])

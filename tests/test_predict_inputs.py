@@ -341,6 +341,7 @@ def test_predict_embeds_each_query_once(setup, monkeypatch):
     assert sum(seen) == len(query) == len(rows) and max(seen) == 16
 
 
+@pytest.mark.multiprocess
 def test_python_dash_m_negmargin_is_the_command(setup):
     t = setup
     done = subprocess.run(

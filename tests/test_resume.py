@@ -14,6 +14,8 @@ import torch
 
 from .conftest import REPO, run_cli, tiny_raw, write_config
 
+pytestmark = pytest.mark.multiprocess  # starts other processes
+
 TRAIN = str(REPO / "tools/classification/train.py")
 
 

@@ -128,6 +128,7 @@ def make_cub_layout(root: Path, per_class: int = 3) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_seed_commands_verbatim_on_a_generated_cub_layout(tmp_path):
     """The two commands of the seed README, run as written from a clone with data/CUB_200_2011."""
     make_cub_layout(tmp_path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,7 @@ def require_dir(path: Path, what: str, how: str) -> Path:
     return path
 
 
-def check_disjoint(splits: dict[str, Sequence[str]], what: str = "class") -> None:
+def check_disjoint(splits: Mapping[str, Sequence[str]], what: str = "class") -> None:
     """Overlapping splits are an error (a class in two splits leaks novel classes)."""
     seen: dict[str, str] = {}
     for split, names in splits.items():

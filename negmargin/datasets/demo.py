@@ -134,7 +134,7 @@ def draw_image(recipe: dict, rng: np.random.Generator, size: int = IMAGE_SIZE) -
         _draw_shape(
             draw, recipe["shape2"], cx + ox, cy + oy, big * recipe["size2"] * scale, rot, fg2, width, recipe
         )
-    small = np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.float64)
+    small = np.asarray(img.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
     small += rng.normal(0, 10, small.shape)
     return np.clip(small, 0, 255).astype(np.uint8)
 
@@ -192,5 +192,6 @@ def read_demo(
             f"demo: data.options.split_sizes {split_sizes} must be positive and add up to "
             f"n_classes={n_classes}"
         )
-    generate(root, n_classes, n_images, tuple(split_sizes), seed)
+    a, b, c = split_sizes
+    generate(root, n_classes, n_images, (a, b, c), seed)
     return replace(read_folder(root, split), dataset="demo")

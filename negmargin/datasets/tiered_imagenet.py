@@ -125,7 +125,7 @@ def read_tiered_imagenet(root: str | Path, split: str, **options) -> SplitSource
     if len(specific) and (specific.min() < 0 or specific.max() >= len(specific_names)):
         raise DataError(f"'{labels_path}': label_specific indexes outside label_specific_str")
     # Category of each specific class (the first image of the class decides).
-    category = {}
+    category: dict[int, str] = {}
     for s, g in zip(specific.tolist(), general.tolist()):
         category.setdefault(s, general_names[g] if 0 <= g < len(general_names) else str(g))
     return SplitSource(
