@@ -1,6 +1,7 @@
 """Training throughput: model alone vs our input path vs a per-image PIL pipeline.
 
     python bench/train_speed.py [--backbones conv4 resnet12] [--steps 12] [--device cpu]
+        [--data-root ../shared/data/mini_imagenet]   # real miniImageNet instead of generated JPEGs
 
 For each backbone at batch 64, 84×84, and each precision (fp32; bf16 autocast +
 channels-last), in one run:
@@ -134,27 +135,42 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for (3)")
     parser.add_argument("--compile", action="store_true", help="also time (1) with torch.compile")
+    parser.add_argument(
+        "--data-root", help="real miniImageNet (train.csv + images/) instead of generated JPEGs"
+    )
+    parser.add_argument("--cache-dir", help="data.cache_dir for --data-root")
     args = parser.parse_args()
     device = torch.device(args.device)
     tmp = Path(tempfile.mkdtemp(prefix="negmargin-bench-"))
-    make_jpegs(tmp / "jpegs", 8, 60)
-    base = {
-        "name": "bench",
-        "data": {
+    if args.data_root:
+        root = Path(args.data_root)
+        data = {
+            "dataset": "mini_imagenet",
+            "root": str(root),
+            "cache_dir": args.cache_dir or str(tmp / "cache"),
+        }
+        paths = [
+            str(root / "images" / line.split(",")[0])
+            for line in (root / "train.csv").read_text().splitlines()[1:]
+        ]
+        what = "real miniImageNet train split (84×84 JPEGs)"
+    else:
+        make_jpegs(tmp / "jpegs", 8, 60)
+        data = {
             "dataset": "folder",
             "root": str(tmp / "jpegs"),
             "cache_dir": str(tmp / "cache"),
             "options": {"split_fractions": (1, 0, 0)},
-        },
-        "train": {"device": str(device), "workers": 1},
-    }
+        }
+        paths = [str(p) for p in sorted((tmp / "jpegs").rglob("*.jpg"))]
+        what = "JPEGs ~500×375 stored at short side 256"
+    base = {"name": "bench", "data": data, "train": {"device": str(device), "workers": 1}}
     cfg = Config.from_dict(base).validate()
     packed = load_split(cfg, "train", progress=False)
-    paths = [str(p) for p in sorted((tmp / "jpegs").rglob("*.jpg"))]
     labels = torch.from_numpy(packed.labels)
     print(
-        f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); {len(packed)} JPEGs "
-        f"~500×375 stored at short side {cfg.data.train_store_size}; batch 64, 84×84"
+        f"torch {torch.__version__} on {device} ({torch.get_num_threads()} threads); {len(packed)} images: "
+        f"{what}; batch 64, 84×84"
     )
     print(
         f"{'backbone':<9} {'precision':<16} {'(1) model':>10} {'(2) ours':>10} {'(3) PIL+DL':>11} "

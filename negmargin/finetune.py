@@ -123,19 +123,45 @@ class Grams:
     QX: Tensor | None = None  # (E, q, n)  Q̂ X̂ᵀ
 
 
-def compute_grams(support: Tensor, init: Tensor, query: Tensor | None = None) -> Grams:
-    """(E, n, D) support, (E, K, D) initial heads, (E, q, D) queries → :class:`Grams` (float64)."""
-    xs = F.normalize(support, dim=-1, eps=EPS)
+def compute_grams(
+    support: Tensor, init: Tensor, query: Tensor | None = None, normalized: bool = False
+) -> Grams:
+    """(E, n, D) support, (E, K, D) initial heads, (E, q, D) queries → :class:`Grams` (float64).
+
+    ``normalized``: support and query rows are unit vectors already (the meta-test
+    normalises a split's features once, before gathering each episode's rows: the
+    same per-row operation, without a pass over the gathered copies).
+    """
+    xs = support if normalized else F.normalize(support, dim=-1, eps=EPS)
     out = Grams(
         G=(xs @ xs.transpose(1, 2)).double(),
         P=(init @ xs.transpose(1, 2)).double(),
         w0sq=init.double().pow(2).sum(-1),
     )
     if query is not None:
-        qs = F.normalize(query, dim=-1, eps=EPS)
+        qs = query if normalized else F.normalize(query, dim=-1, eps=EPS)
         out.QW = (qs @ init.transpose(1, 2)).double()
         out.QX = (qs @ xs.transpose(1, 2)).double()
     return out
+
+
+QUERY_BLOCK = 32  # episodes whose query rows are gathered at once (~15 MB at 75 × 1600-d: cache-sized)
+
+
+def query_products(table: Tensor, index: Tensor, init: Tensor, xs: Tensor) -> tuple[Tensor, Tensor]:
+    """QW = Q̂ W0ᵀ and QX = Q̂ X̂ᵀ (float64) for query rows ``table[index]``, block by block.
+
+    ``table``: (N, D) unit rows of a split; ``index``: (E, q); ``init``: (E, K, D);
+    ``xs``: (E, n, D) unit support rows. The same products as gathering all (E, q, D)
+    query rows first, without writing that copy out to memory and reading it back:
+    for 2000 episodes × 75 queries × 1600-d it is 1 GB, the engine's largest cost.
+    """
+    QW, QX = [], []
+    for start in range(0, len(index), QUERY_BLOCK):
+        qs = table[index[start : start + QUERY_BLOCK]]
+        QW.append((qs @ init[start : start + QUERY_BLOCK].transpose(1, 2)).double())
+        QX.append((qs @ xs[start : start + QUERY_BLOCK].transpose(1, 2)).double())
+    return torch.cat(QW), torch.cat(QX)
 
 
 @dataclass
@@ -239,12 +265,17 @@ class FittedHeads:
     init: Tensor  # (E, K, D) initial head rows
     grams: Grams
     head: HeadState
+    normalized: bool = False  # support (and queries given to scores) are unit rows
 
     def scores(self, query: Tensor | None = None) -> Tensor:
         """(E, q, K) cosines of queries with the fine-tuned rows (× T gives the logits).
 
         ``query``: (E, q, D), or None for the queries given to :func:`fit_heads`."""
-        grams = self.grams if query is None else compute_grams(self.support, self.init, query.float())
+        grams = (
+            self.grams
+            if query is None
+            else compute_grams(self.support, self.init, query.float(), self.normalized)
+        )
         return query_scores(grams, self.head)
 
 
@@ -256,6 +287,8 @@ def fit_heads(
     settings: FinetuneConfig,
     steps: int,
     query: Tensor | None = None,
+    normalized: bool = False,
+    query_index: Tensor | None = None,
 ) -> FittedHeads:
     """Fine-tune a fresh ``n_way``-row cosine head per episode: the one call the meta-test
     and :class:`negmargin.predict.FewShotClassifier` share.
@@ -263,7 +296,9 @@ def fit_heads(
     Args:
         support: (E, n, D) support features; support_labels: (E, n) in 0..n_way-1.
         episode_ids: (E,) ids that seed each episode's head init and batch order.
-        query: (E, q, D) query features to prepare scores for, optional.
+        query: (E, q, D) query features to prepare scores for, optional; or, with
+            ``query_index`` (E, q), the (N, D) table the query rows are taken from.
+        normalized: the support and query rows are unit vectors already.
     """
     E, n, dim = support.shape
     init, orders = episode_randomness(episode_ids, n_way, dim, n, settings, steps)
@@ -272,6 +307,11 @@ def fit_heads(
     # The SGD steps are hundreds of tiny batched ops: on a CPU one core each (see
     # negmargin.meta_test.run_episodes for the measurements); a GPU parallelises them itself.
     with intra_op_threads(1) if support.device.type == "cpu" else contextlib.nullcontext():
-        grams = compute_grams(support, init, None if query is None else query.float())
+        if query_index is None:
+            grams = compute_grams(support, init, None if query is None else query.float(), normalized)
+        else:
+            assert query is not None and normalized, "query_index needs the normalised (N, D) table"
+            grams = compute_grams(support, init, None, normalized)
+            grams.QW, grams.QX = query_products(query, query_index, init, support)
         head = finetune(grams, support_labels, orders, settings, steps)
-    return FittedHeads(support, init, grams, head)
+    return FittedHeads(support, init, grams, head, normalized)

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
 from . import distributed as dist
 from .config import EvalConfig
 from .episodes import sample_episodes
-from .finetune import FinetuneConfig, fit_heads, intra_op_threads
+from .finetune import EPS, FinetuneConfig, fit_heads, intra_op_threads
 
 Z_95 = 1.96
 CHUNKS_PER_WORKER = 4  # chunks per core: balance when a core is shared with other work
@@ -128,6 +129,8 @@ def run_episodes(
         auto_chunk(n, n_way * n_query, n_way, dim),
         max(CHUNKS_MIN, math.ceil(E / (CHUNKS_PER_WORKER * workers))),
     )
+    # Unit rows once for the whole split: each episode's gathered copies need no second pass.
+    normed = F.normalize(features.float(), dim=-1, eps=EPS)
     support_labels = torch.arange(n_way, device=device).repeat_interleave(n_shot)
     query_labels = torch.arange(n_way, device=device).repeat_interleave(n_query)
     out = np.empty(E, dtype=np.float64)
@@ -137,10 +140,18 @@ def run_episodes(
         stop = min(start + chunk, E)
         ep = episodes[start:stop].to(device)
         m = stop - start
-        support = features[ep[:, :, :n_shot].reshape(m, n)]
-        query = features[ep[:, :, n_shot:].reshape(m, n_way * n_query)]
+        support = normed[ep[:, :, :n_shot].reshape(m, n)]
+        query_index = ep[:, :, n_shot:].reshape(m, n_way * n_query)
         heads = fit_heads(
-            support, support_labels.expand(m, n), n_way, episode_ids[start:stop], settings, steps, query
+            support,
+            support_labels.expand(m, n),
+            n_way,
+            episode_ids[start:stop],
+            settings,
+            steps,
+            normed,
+            normalized=True,
+            query_index=query_index,
         )
         pred = heads.scores().argmax(-1)
         out[start:stop] = (pred == query_labels).double().mean(-1).mul(100).cpu().numpy()

@@ -338,7 +338,7 @@ def test_predict_embeds_each_query_once(setup, monkeypatch):
     monkeypatch.setattr(clf.backbone, "forward", lambda x: (seen.append(len(x)), forward(x))[1])
     query = sorted((t / "query").rglob("*.png"))
     rows, _ = clf.predict_rows(query, top_k=3, batch_size=16)
-    assert sum(seen) == len(query) == len(rows) and max(seen) == 16
+    assert sum(seen) == len(query) == len(rows) and max(seen) <= 16  # --batch-size bounds a forward pass
 
 
 @pytest.mark.multiprocess
