@@ -62,6 +62,7 @@ from negmargin.loader import TrainLoader  # noqa: E402
 from negmargin.meta_test import run_episodes  # noqa: E402
 from negmargin.model import build_model  # noqa: E402
 from negmargin.runtime import Runtime  # noqa: E402
+from negmargin.testing import tiny_raw, write_config  # noqa: E402
 from negmargin.train import run  # noqa: E402
 
 MINI_CONFIG = (
@@ -316,34 +317,14 @@ def augmentation_row(table: Table, device: torch.device) -> None:
 
 
 def tiny_config(tmp: Path, device: torch.device) -> Path:
+    """The tests' tiny run (negmargin.testing.tiny_raw) for 3 epochs on ``device``, as a config file."""
     root = generate(tmp / "tiny", n_classes=20, n_images=12, split_sizes=(10, 5, 5), seed=3, progress=False)
-    raw = {
-        "name": "tiny",
-        "data": {
-            "dataset": "folder",
-            "root": str(root),
-            "image_size": 32,
-            "train_store_size": 0,
-            "cache_dir": str(tmp / "cache"),
-        },
-        "model": {"backbone": "conv4", "margin": -0.01},
-        "augment": {"crop_scale": (0.25, 1.0)},
-        "train": {
-            "epochs": 3,
-            "batch_size": 16,
-            "warmup_iters": 5,
-            "milestones": [1],
-            "log_interval": 1,
-            "workers": 1,
-            "checkpoint_interval": 1,
-            "device": str(device),
-        },
-        "val": {"interval": 1, "n_query": 5, "n_episodes": 10},
-        "meta_test": {"n_query": 5, "n_episodes": 20},
-    }
-    path = tmp / "tiny.py"
-    path.write_text("".join(f"{k} = {v!r}\n" for k, v in raw.items()))
-    return path
+    raw = tiny_raw(
+        root,
+        tmp / "cache",
+        train={"epochs": 3, "log_interval": 1, "workers": 1, "device": str(device)},
+    )
+    return write_config(tmp / "tiny.py", raw)
 
 
 def cli(args: list[str], env: dict | None = None, python: bool = True) -> subprocess.CompletedProcess:

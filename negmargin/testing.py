@@ -1,11 +1,14 @@
-"""Reference implementations the fast paths are checked and timed against.
+"""Reference implementations the fast paths are checked and timed against, and tiny configs.
 
 :func:`reference_episode` is the plain one-episode fine-tune, as the reference
 implementation runs each episode: used by tests/test_finetune.py (exactness),
 bench/metatest.py (the timing baseline) and bench/gpu_check.py, so all measure
-against the same code. It lives in the package (not under tests/) so that benches
-may import it without the test tree; no pytest import.
+against the same code. :func:`tiny_raw` is the tiny generated-data run the tests and
+``bench/gpu_check.py --smoke`` share. It lives in the package (not under tests/) so
+that benches may import it without the test tree; no pytest import.
 """
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,3 +44,40 @@ def reference_episode(support, labels, query, init, order, s: FinetuneConfig, st
         opt.step()
     with torch.no_grad():
         return head.weight.detach(), head(query).argmax(1)
+
+
+def tiny_raw(root: Path, cache: Path, **sections) -> dict:
+    raw = {
+        "name": "tiny",
+        "data": {
+            "dataset": "folder",
+            "root": str(root),
+            "image_size": 32,
+            "train_store_size": 0,
+            "cache_dir": str(cache),
+            "prepare_workers": 1,
+        },
+        "model": {"backbone": "conv4", "margin": -0.01},
+        "augment": {"crop_scale": (0.25, 1.0)},
+        "train": {
+            "epochs": 2,
+            "batch_size": 16,
+            "warmup_iters": 5,
+            "milestones": [1],
+            "log_interval": 5,
+            "workers": 0,
+            "checkpoint_interval": 1,
+        },
+        "val": {"interval": 1, "n_query": 5, "n_episodes": 10},
+        "meta_test": {"n_query": 5, "n_episodes": 20},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    """A config file (literal assignments) from a raw dict."""
+    lines = [f"{k} = {v!r}\n" for k, v in raw.items()]
+    path.write_text("".join(lines))
+    return path

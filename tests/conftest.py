@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 
 from negmargin.config import Config
 from negmargin.datasets.demo import generate
+from negmargin.testing import tiny_raw, write_config  # noqa: F401  (re-exported for the tests)
+from negmargin.train import run
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault(
@@ -26,36 +29,6 @@ def tiny_root(tmp_path_factory) -> Path:
     return root
 
 
-def tiny_raw(root: Path, cache: Path, **sections) -> dict:
-    raw = {
-        "name": "tiny",
-        "data": {
-            "dataset": "folder",
-            "root": str(root),
-            "image_size": 32,
-            "train_store_size": 0,
-            "cache_dir": str(cache),
-            "prepare_workers": 1,
-        },
-        "model": {"backbone": "conv4", "margin": -0.01},
-        "augment": {"crop_scale": (0.25, 1.0)},
-        "train": {
-            "epochs": 2,
-            "batch_size": 16,
-            "warmup_iters": 5,
-            "milestones": [1],
-            "log_interval": 5,
-            "workers": 0,
-            "checkpoint_interval": 1,
-        },
-        "val": {"interval": 1, "n_query": 5, "n_episodes": 10},
-        "meta_test": {"n_query": 5, "n_episodes": 20},
-    }
-    for section, values in sections.items():
-        raw.setdefault(section, {}).update(values)
-    return raw
-
-
 @pytest.fixture
 def tiny_cfg(tiny_root, tmp_path_factory):
     cache = tmp_path_factory.getbasetemp() / "tiny-cache"
@@ -64,13 +37,6 @@ def tiny_cfg(tiny_root, tmp_path_factory):
         return Config.from_dict(tiny_raw(tiny_root, cache, **sections)).validate()
 
     return make
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    """A config file (literal assignments) from a raw dict."""
-    lines = [f"{k} = {v!r}\n" for k, v in raw.items()]
-    path.write_text("".join(lines))
-    return path
 
 
 def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
@@ -84,3 +50,21 @@ def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, t
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def model_and_images(tiny_root, tmp_path_factory):
+    """A checkpoint trained on the tiny base classes; support/query folders from its novel classes."""
+    tmp = tmp_path_factory.mktemp("predict")
+    raw = tiny_raw(tiny_root, tmp / "cache", train={"epochs": 2})
+    run(Config.from_dict(raw).validate(), tmp / "wd", progress=False)
+    novel = (tiny_root / "test.txt").read_text().split()
+    for c in novel:
+        files = sorted((tiny_root / c).glob("*.png"))
+        (tmp / "support" / c).mkdir(parents=True)
+        (tmp / "query" / c).mkdir(parents=True)
+        for f in files[:3]:
+            shutil.copy(f, tmp / "support" / c / f.name)
+        for f in files[3:]:
+            shutil.copy(f, tmp / "query" / c / f.name)
+    return tmp, tmp / "wd" / "best_accuracy_mean.pth", raw

@@ -8,34 +8,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from negmargin import cli
-from negmargin.config import Config
 from negmargin.predict import FewShotClassifier
-from negmargin.train import run
 
-from .conftest import tiny_raw, write_config
-
-
-@pytest.fixture(scope="module")
-def model_and_images(tiny_root, tmp_path_factory):
-    """A checkpoint trained on the tiny base classes; support/query folders from its novel classes."""
-    tmp = tmp_path_factory.mktemp("predict")
-    raw = tiny_raw(tiny_root, tmp / "cache", train={"epochs": 2})
-    run(Config.from_dict(raw).validate(), tmp / "wd", progress=False)
-    novel = (tiny_root / "test.txt").read_text().split()
-    for c in novel:
-        files = sorted((tiny_root / c).glob("*.png"))
-        (tmp / "support" / c).mkdir(parents=True)
-        (tmp / "query" / c).mkdir(parents=True)
-        for f in files[:3]:
-            shutil.copy(f, tmp / "support" / c / f.name)
-        for f in files[3:]:
-            shutil.copy(f, tmp / "query" / c / f.name)
-    return tmp, tmp / "wd" / "best_accuracy_mean.pth", raw
+from .conftest import write_config
 
 
 def test_predicts_held_out_images_far_above_chance(model_and_images, capsys):

@@ -24,22 +24,10 @@ from .conftest import REPO, tiny_raw
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_root, tmp_path_factory):
-    """A tiny checkpoint, a support folder (3 images × 5 novel classes) and a query folder."""
-    from negmargin.config import Config
-    from negmargin.train import run
-
-    tmp = tmp_path_factory.mktemp("predict-inputs")
-    raw = tiny_raw(tiny_root, tmp / "cache", train={"epochs": 2})
-    run(Config.from_dict(raw).validate(), tmp / "wd", progress=False)
-    for c in (tiny_root / "test.txt").read_text().split():
-        files = sorted((tiny_root / c).glob("*.png"))
-        (tmp / "support" / c).mkdir(parents=True)
-        (tmp / "query" / c).mkdir(parents=True)
-        for f in files[:3]:
-            shutil.copy(f, tmp / "support" / c / f.name)
-        for f in files[3:]:
-            shutil.copy(f, tmp / "query" / c / f.name)
+def setup(model_and_images):
+    """The shared tiny checkpoint with support/ (3 images × 5 novel classes) and query/ folders,
+    plus a text file posing as a checkpoint and a file to put an --out "under"."""
+    tmp = model_and_images[0]
     (tmp / "text.pth").write_text("not a checkpoint\n")
     (tmp / "a_file").write_text("x")
     return tmp
