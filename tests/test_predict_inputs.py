@@ -357,3 +357,16 @@ def test_python_dash_m_negmargin_is_the_command(setup):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(done.stdout.strip().splitlines()) == 1 + 45 and done.stderr == ""
+
+
+def test_test_py_refuses_a_text_file_as_checkpoint_in_one_line(setup, capsys):
+    t = setup
+    config = t / "tiny-text.py"
+    if not config.exists():
+        from .conftest import write_config
+
+        write_config(config, tiny_raw(REPO, t / "cache"))
+    code = cli.test_main([str(config), str(t / "text.pth"), "--work-dir", str(t / "wd-text"), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    assert f"'{t / 'text.pth'}' is not a readable PyTorch checkpoint" in err[0]
