@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ def step_positions(orders: Tensor, step: int, batch_size: int) -> Tensor:
     return orders[:, p, k * batch_size : min((k + 1) * batch_size, n)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Grams:
     """The per-episode inner products the fine-tune and the prediction need."""
 
@@ -133,16 +133,18 @@ def compute_grams(
     same per-row operation, without a pass over the gathered copies).
     """
     xs = support if normalized else F.normalize(support, dim=-1, eps=EPS)
-    out = Grams(
+    QW = QX = None
+    if query is not None:
+        qs = query if normalized else F.normalize(query, dim=-1, eps=EPS)
+        QW = (qs @ init.transpose(1, 2)).double()
+        QX = (qs @ xs.transpose(1, 2)).double()
+    return Grams(
         G=(xs @ xs.transpose(1, 2)).double(),
         P=(init @ xs.transpose(1, 2)).double(),
         w0sq=init.double().pow(2).sum(-1),
+        QW=QW,
+        QX=QX,
     )
-    if query is not None:
-        qs = query if normalized else F.normalize(query, dim=-1, eps=EPS)
-        out.QW = (qs @ init.transpose(1, 2)).double()
-        out.QX = (qs @ xs.transpose(1, 2)).double()
-    return out
 
 
 QUERY_BLOCK = 32  # episodes whose query rows are gathered at once (~15 MB at 75 × 1600-d: cache-sized)
@@ -311,7 +313,7 @@ def fit_heads(
             grams = compute_grams(support, init, None if query is None else query.float(), normalized)
         else:
             assert query is not None and normalized, "query_index needs the normalised (N, D) table"
-            grams = compute_grams(support, init, None, normalized)
-            grams.QW, grams.QX = query_products(query, query_index, init, support)
+            QW, QX = query_products(query, query_index, init, support)
+            grams = replace(compute_grams(support, init, None, normalized), QW=QW, QX=QX)
         head = finetune(grams, support_labels, orders, settings, steps)
     return FittedHeads(support, init, grams, head, normalized)

@@ -113,21 +113,24 @@ def run(
             after_epoch(state, cfg, rt, val_split, work_dir, log, show, len(loader))
             if stop.requested(rt.device):
                 stop.exit(log, state, cfg, work_dir, f"the end of epoch {epoch + 1}")
-    summary = {
-        "work_dir": str(work_dir),
-        "best_accuracy_mean": state.best,
-        "best_epoch": state.best_epoch,
-        "best_checkpoint": str(work_dir / "best_accuracy_mean.pth"),
-        "train_seconds": round(time.time() - t_start, 1),
-        "history": state.history,
-    }
-    if main and state.best is not None:
+    dist.barrier()
+    return summarise(state, work_dir, time.time() - t_start, log)
+
+
+def summarise(state: TrainState, work_dir: Path, seconds: float, log: RunLog) -> dict[str, Any]:
+    if state.best is not None:
         log.info(
             f"done: best val accuracy {state.best:.2f} at epoch {state.best_epoch}; "
             f"checkpoint {work_dir / 'best_accuracy_mean.pth'}"
         )
-    dist.barrier()
-    return summary
+    return {
+        "work_dir": str(work_dir),
+        "best_accuracy_mean": state.best,
+        "best_epoch": state.best_epoch,
+        "best_checkpoint": str(work_dir / "best_accuracy_mean.pth"),
+        "train_seconds": round(seconds, 1),
+        "history": state.history,
+    }
 
 
 # --------------------------------------------------------------------------- set-up
