@@ -98,13 +98,13 @@ def run(
                 with rt.autocast():
                     logits, sims = ddp(images, labels)
                 loss = F.cross_entropy(logits, labels)
-                check_finite(loss, state, work_dir)
+                loss_value = check_finite(loss, state, work_dir)  # one device sync per step
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 kill_point(f"iter:{epoch * len(loader) + state.iteration + 1}")
                 state.iteration += 1
-                meter.add(loss=float(loss.item()), accuracy=float((sims.argmax(1) == labels).float().mean()) * 100,
+                meter.add(loss=loss_value, accuracy=float((sims.argmax(1) == labels).float().mean()) * 100,
                           data_time=data_time)  # fmt: skip
                 log_step(log, meter, state, cfg, epoch, len(loader), lr)
                 if stop.requested(rt.device):
@@ -278,7 +278,8 @@ def train_batches(
             bar.update(1)
 
 
-def check_finite(loss: Tensor, state: TrainState, work_dir: Path) -> None:
+def check_finite(loss: Tensor, state: TrainState, work_dir: Path) -> float:
+    """The loss as a number, or NonFiniteLossError before these weights are written anywhere."""
     value = float(loss.item())
     if not math.isfinite(value):
         last = work_dir / "latest.pth"
@@ -287,6 +288,7 @@ def check_finite(loss: Tensor, state: TrainState, work_dir: Path) -> None:
             f"stopped before writing these weights. Last good checkpoint: "
             f"{last if last.is_file() else 'none yet'}. Lower train.lr or check the data."
         )
+    return value
 
 
 class Meter:
