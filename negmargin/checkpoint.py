@@ -4,14 +4,14 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), loaded
 with ``torch.load(..., weights_only=True)``, which refuses any pickled object
 that is not data — a file crafted to run code on load is rejected unread.
 
-Keys: ``format`` ("negmargin-checkpoint"), ``format_version``, ``model`` (state
-dict: ``backbone.*``, ``head.weight``), ``config`` (the resolved config),
-``backbone``, ``num_classes``, ``feature_dim``, ``epoch`` (epochs completed),
-``iteration`` (global iterations done), ``best_score``/``best_epoch``,
-``optimizer``, ``scheduler`` (the schedule is a pure function of the iteration,
-so its state is the position), ``sampler`` (epoch + iteration: batches and
-augmentations are a pure function of them and the seed), ``rng`` (Python,
-NumPy, torch, CUDA generator states), ``val_episodes``, ``history``.
+Keys: ``format`` ("negmargin-checkpoint"), ``format_version``, ``negmargin_version``, then
+exactly :attr:`negmargin.train.TrainState.KEYS`: ``model`` (state dict: ``backbone.*``,
+``head.weight``), ``config`` (the resolved config), ``epoch`` (epochs completed),
+``iteration`` (iterations done in the next epoch; batches, augmentations and the learning
+rate are pure functions of (seed, epoch, iteration), so these two are the whole position),
+``best_score``/``best_epoch``, ``optimizer``, ``rng`` (Python, NumPy, torch, CUDA generator
+states), ``val_episodes``, ``history``. Checkpoints of earlier versions (with ``backbone``,
+``scheduler`` and ``sampler`` keys) load for testing and prediction.
 
 Reference (mmfewshot) checkpoints — ``{"meta": ..., "state_dict": {...}}`` with
 ``backbone.``/``head.`` keys — can be imported for testing: our module names
