@@ -84,7 +84,9 @@ def run(
         log.info(
             f"work dir {work_dir}; device {rt.device} × {dist.world_size()}; precision {rt.precision}; "
             f"channels_last {rt.channels_last}; {num_classes} head classes; "
-            f"{len(loader)} iterations/epoch of {per_process} images per process"
+            f"{len(loader)} iterations/epoch of {per_process} images per process; test resize "
+            f"{cfg.data.test_resize}; fine-tune steps val {cfg.val.steps}, test {cfg.meta_test.steps} "
+            f"(resolved config: {work_dir / (cfg.name + '.py')})"
         )
 
     t_start = time.time()
