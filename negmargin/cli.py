@@ -36,7 +36,6 @@ from .train import run
 
 
 def _guard(fn: Callable[[], int | None]) -> int:
-
     try:
         code = int(fn() or 0)
         # Under torchrun, leave together: a rank that tears its process group down
