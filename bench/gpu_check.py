@@ -221,7 +221,7 @@ def schedule(args, table: Table, device: torch.device, tmp: Path, smoke: bool) -
     per_epoch_iters = 600  # 38,400 images / 64 (the config's full epoch)
     vals_per_run = full.train.epochs // full.val.interval
     projected = full.train.epochs * per_epoch_iters * per_iter + vals_per_run * (vals[0] if vals else 0.0)
-    precision = "bf16" if device.type == "cuda" else "fp32"  # train.precision="auto"
+    precision = cfg.train.precision  # the config's own: fp32, as the reference trains
     table.add(
         "schedule",
         f"Conv4 mini config, {iters} iterations ({what}), {precision}",
