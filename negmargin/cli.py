@@ -298,7 +298,7 @@ def _predict(args) -> None:
 def _embed(args) -> None:
 
     check_output_path(args.out)
-    paths, skipped = collect_query_paths(args.paths)
+    paths, skipped = collect_query_paths(args.paths, what="image")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
     feats, kept, bad = clf.embed_each(paths, args.batch_size, args.skip_bad_images, progress=not args.quiet)
     for report in (skipped.line("the folders"), bad.line("the images")):

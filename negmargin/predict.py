@@ -425,7 +425,7 @@ def read_support_folder(folder: str | Path) -> SupportSet:
     return SupportSet(paths, labels, folder, nested, skipped)
 
 
-def collect_query_paths(items: Sequence[str | Path]) -> tuple[list[Path], Skipped]:
+def collect_query_paths(items: Sequence[str | Path], what: str = "query") -> tuple[list[Path], Skipped]:
     """Files as given; folders expanded (recursively, :func:`list_images`) to their image files."""
     out: list[Path] = []
     skipped = Skipped()
@@ -436,10 +436,10 @@ def collect_query_paths(items: Sequence[str | Path]) -> tuple[list[Path], Skippe
         elif p.is_file():
             out.append(p)
         else:
-            raise DataError(f"query '{p}' does not exist")
+            raise DataError(f"{what} '{p}' does not exist")
     if not out:
         raise DataError(
-            f"no query images found in {', '.join(map(str, items))}"
+            f"no {what} images found in {', '.join(map(str, items))}"
             + (f" ({skipped.line('the query folders')})" if len(skipped) else "")
         )
     return out, skipped

@@ -67,6 +67,8 @@ PREDICT_CASES = [
     ("missing query", ["--query", "{t}/nope.jpg"], "query '{t}/nope.jpg' does not exist"),
     ("query without images", ["--query", "{t}/wd"], "no query images found in {t}/wd"),
     ("missing support", ["--support", "{t}/nope"], "support folder '{t}/nope' does not exist"),
+    ("missing config", ["--config", "{t}/nope.py"], "config file '{t}/nope.py' does not exist"),
+    ("missing checkpoint", ["--checkpoint", "{t}/gone.pth"], "checkpoint '{t}/gone.pth' does not exist"),
 ]
 if NO_CUDA:
     PREDICT_CASES.append(
@@ -98,6 +100,8 @@ EMBED_CASES = [
     ("malformed device", ["--device", "cuda:x"], "device 'cuda:x' is not a device name"),
     ("text checkpoint", ["--checkpoint", "{t}/text.pth"], "is not a readable PyTorch checkpoint"),
     ("out under a file", ["--out", "{t}/a_file/f.npz"], "cannot write --out '{t}/a_file/f.npz'"),
+    ("missing config", ["--config", "{t}/nope.py"], "config file '{t}/nope.py' does not exist"),
+    ("missing image", ["--extra-path", "{t}/nope.jpg"], "image '{t}/nope.jpg' does not exist"),
 ]
 
 
@@ -111,7 +115,8 @@ def test_embed_refuses_bad_values_in_one_line(setup, capsys, name, extra, expect
     }
     for flag, value in zip(extra[::2], extra[1::2]):
         argv[flag] = value.format(t=t)
-    code, err, _ = invoke(["embed", str(t / "query"), *[x for kv in argv.items() for x in kv]], capsys)
+    paths = [str(t / "query")] + ([argv.pop("--extra-path")] if "--extra-path" in argv else [])
+    code, err, _ = invoke(["embed", *paths, *[x for kv in argv.items() for x in kv]], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert expected.format(t=t) in err[0], err
     assert not (t / f"{name}.npz").exists()
