@@ -13,7 +13,7 @@ Split (Lake's: learn on the background set, test on the evaluation set):
 
 With ``options.base_holdout=k`` the last k drawers (of 20) of every background
 character are held out of ``train`` and form the split ``train_holdout``: the
-base-class accuracy of a trained head is measured there (bench/omniglot.py).
+base-class accuracy of a trained head is measured there (bench/margin_study.py omniglot).
 
 Images are binary 105×105; they are stored grayscale (``data.channels=1``).
 """
