@@ -456,3 +456,18 @@ def test_prepare_command(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "error: 1 unreadable image(s)" in err and "bad.png" in err.split("error:")[1]
     assert cli.main([*args, "--skip-bad-images"]) == 0
+
+
+def test_prepare_omniglot_reads_the_omniglot_config(tmp_path, capsys):
+    """Without --config, `negmargin prepare omniglot` stores what the Omniglot config trains on:
+    28×28 grayscale (not the defaults' RGB at short side 256)."""
+    from negmargin import cli
+
+    root = tmp_path / "omniglot"
+    make_omniglot(root)
+    args = ["prepare", "omniglot", "--root", str(root), "--splits", "train", "val"]
+    assert cli.main([*args, "--cfg-options", f"data.cache_dir='{tmp_path / 'cache'}'"]) == 0
+    out = capsys.readouterr().out
+    assert "train: 18 images in" in out and "val: 30 images in" in out  # 5 alphabets × 2 × 3
+    folder = next((tmp_path / "cache").glob("omniglot-train-*"))
+    assert PackedSplit(folder).image(0).shape == (28, 28, 1)
