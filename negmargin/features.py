@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from . import distributed as dist
 from .augment import eval_view, to_input
 from .datasets import PackedSplit
 from .fileio import atomic_save
+from .finetune import intra_op_threads
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -34,7 +36,6 @@ def image_batches(
         yield np.stack([eval_view(packed.image(i), short, size, mode) for i in part])
 
 
-@torch.no_grad()
 def extract_features(
     backbone: nn.Module,
     packed: PackedSplit,
@@ -51,15 +52,33 @@ def extract_features(
     """
     was_training = backbone.training
     backbone.eval()
-    feats = []
     total = len(packed) if indices is None else len(indices)
     bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    for batch in image_batches(packed, cfg, cfg.finetune.feature_batch_size, indices):
-        x = to_input(batch, cfg.data.mean, cfg.data.std, runtime.device, runtime.memory_format)
-        with runtime.autocast():
-            f = backbone(x)
-        feats.append(f.float())
+
+    def embed(batch: np.ndarray) -> Tensor:
+        # grad mode and autocast are per thread: set in the thread that runs the batch
+        with torch.no_grad(), runtime.autocast():
+            x = to_input(batch, cfg.data.mean, cfg.data.std, runtime.device, runtime.memory_format)
+            f = backbone(x).float()
         bar.update(len(batch))
+        return f
+
+    batches = image_batches(packed, cfg, cfg.finetune.feature_batch_size, indices)
+    workers = torch.get_num_threads() if runtime.device.type == "cpu" else 1
+    if workers > 1:
+        # All cores, one batch each (same batches, same per-batch results as one after the
+        # other): a convolution split over both cores of a busy machine waits for the slowed
+        # one at every op; whole batches per core do not (bench/loaded.py, test.py rows).
+        feats = []
+        with intra_op_threads(1), cf.ThreadPoolExecutor(workers) as pool:
+            pending: list[cf.Future] = []
+            for batch in batches:  # at most 2 batches per core in memory at once
+                pending.append(pool.submit(embed, batch))
+                if len(pending) >= 2 * workers:
+                    feats.append(pending.pop(0).result())
+            feats += [f.result() for f in pending]
+    else:
+        feats = [embed(batch) for batch in batches]
     bar.close()
     backbone.train(was_training)
     return torch.cat(feats)
