@@ -11,7 +11,7 @@ the same path with its parallelism turned off, in the same run:
   in the main thread (``train.workers=0``); real miniImageNet train images with
   ``--data-root``, else generated ~500×375 JPEGs;
 * **predict**: ``FewShotClassifier`` fit on 5 classes × 5 images and predicting
-  100 queries (real miniImageNet test images with ``--data-root``, else generated
+  100 queries (median of 5 alternating calls) (real miniImageNet test images with ``--data-root``, else generated
   ones) with torch's default threads against one thread;
 * **test.py**: with ``--checkpoint`` (a Conv4 miniImageNet checkpoint) and
   ``--data-root``, the whole ``test.py --shots 1 5`` (start-up, extraction of the
@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,17 +73,20 @@ def input_path_rates(cfg: Config, steps: int) -> dict[str, float]:
     return rates
 
 
-def predict_seconds(clf: FewShotClassifier, support, labels, queries) -> dict[str, float]:
-    out = {}
+def predict_seconds(clf: FewShotClassifier, support, labels, queries, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of fit + predict, default threads and one thread, alternating (a short call: one
+    sample is at the mercy of the other process's timing)."""
     clf.fit(support, labels)  # warm-up, untimed: first-call costs are not the path's
     clf.predict_rows(queries[:8], top_k=3)
-    for label, threads in (("default threads", torch.get_num_threads()), ("one thread", 1)):
-        with intra_op_threads(threads):
-            t0 = time.perf_counter()
-            clf.fit(support, labels)
-            clf.predict_rows(queries, top_k=3)
-            out[label] = time.perf_counter() - t0
-    return out
+    times: dict[str, list[float]] = {"default threads": [], "one thread": []}
+    for _ in range(repeats):
+        for label, threads in (("default threads", torch.get_num_threads()), ("one thread", 1)):
+            with intra_op_threads(threads):
+                t0 = time.perf_counter()
+                clf.fit(support, labels)
+                clf.predict_rows(queries, top_k=3)
+                times[label].append(time.perf_counter() - t0)
+    return {label: statistics.median(ts) for label, ts in times.items()}
 
 
 def test_py_seconds(args, tmp: Path, tag: str) -> tuple[float, str]:
