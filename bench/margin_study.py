@@ -164,10 +164,6 @@ def images_per_second(work_dir: Path, batch_size: int) -> float | None:
     return batch_size / statistics.median(times) if times else None
 
 
-def run_key(r: dict) -> tuple:
-    return (r["head"], r["margin"], r.get("temperature"), r["seed"])
-
-
 def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path) -> dict:
     temperature = f"_T{setting.temperature:g}" if setting.temperature is not None else ""
     tag = f"{setting.head}{temperature}_m{setting.margin:+g}_seed{seed}" + (
@@ -445,22 +441,12 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     state = out / f"results{suffix}.json"
     results = json.loads(state.read_text())["runs"] if state.is_file() else []
-    done = {run_key(r) for r in results}
     chosen = [study.settings[i] for i in args.only] if args.only else list(study.settings)
     for seed in args.seeds:
         for setting in chosen:
-            probe = {"head": setting.head, "margin": setting.margin, "seed": seed}
-            probe["temperature"] = setting.temperature
-            if setting.temperature is None:  # the config's temperature: match any recorded one
-                if any(
-                    r["head"] == setting.head and r["margin"] == setting.margin and r["seed"] == seed
-                    for r in results
-                ):
-                    continue
-            elif run_key(probe) in done:
-                continue
+            if any(matches(r, setting) and r["seed"] == seed for r in results):
+                continue  # finished in an earlier session: its numbers are in results.json
             results.append(one_run(args, study, setting, seed, runs_dir))
-            done.add(run_key(results[-1]))
             write_report(args, study, out, results)  # the committed state after every run
     rows = write_report(args, study, out, results)
     print(markdown(rows, study, "see results.md"))

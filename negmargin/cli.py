@@ -79,7 +79,8 @@ def _checked(check: Callable, parse: Callable[[str], object] = int) -> Callable[
     return convert
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _common(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The options train.py and test.py share; returns the mmfewshot-compatibility group."""
     parser.add_argument("config", help="config file, e.g. configs/classification/neg_margin/cub/...py")
     parser.add_argument(
         "--cfg-options",
@@ -103,6 +104,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="torchrun is detected from its variables",
     )
     compat.add_argument("--local_rank", "--local-rank", type=int, default=0, help="torchrun sets LOCAL_RANK")
+    return compat
 
 
 def work_dir_for(cfg: Config, override: str | Path | None) -> Path:
@@ -159,7 +161,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
 def test_main(argv: list[str] | None = None) -> int:
     parser = Parser(prog="test.py", description="Meta-test a checkpoint (5-way episodes).")
-    _common(parser)
+    compat = _common(parser)
     parser.add_argument("checkpoint", help="e.g. work_dir/<config name>/best_accuracy_mean.pth")
     parser.add_argument(
         "--shots",
@@ -175,9 +177,6 @@ def test_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="fine-tune steps per episode (default 150 / 600)")
     parser.add_argument("--episode-seed", type=int)
     parser.add_argument("--show-task-results", action="store_true", help="print every episode's accuracy")
-    compat = next(
-        g for g in parser._action_groups if g.title and g.title.startswith("accepted for mmfewshot")
-    )
     compat.add_argument(
         "--metrics", nargs="*", default=None, help="accuracy (mean and 95%% CI) is always reported"
     )
@@ -214,8 +213,9 @@ def test_main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------ negmargin command
 
 
-# The clone's configs (the package runs from a clone: pip install -e .).
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "classification" / "neg_margin"
+# The clone this package runs from (pip install -e .), and its configs.
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs" / "classification" / "neg_margin"
 # ``negmargin prepare DATASET`` without --config: a dataset whose config stores its images
 # differently from the defaults (size, channels) reads that config.
 PREPARE_CONFIGS = {"omniglot": CONFIGS / "omniglot" / "neg-margin_cosine_conv4_1xb64_omniglot_5way-1shot.py"}
@@ -247,7 +247,7 @@ def _prepare(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     config = Path(args.config)
     if not config.is_file() and not config.is_absolute():
-        config = Path(__file__).resolve().parents[1] / config  # the clone this package runs from
+        config = REPO / config
     if not config.is_file():
         raise UserError(
             f"demo config '{args.config}' not found; run from the repository root or pass --config"
@@ -310,7 +310,6 @@ def _embed(args) -> None:
 
 
 def _inference_options(p: argparse.ArgumentParser) -> None:
-
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--batch-size", type=_checked(positive_int), default=64, help="images per forward pass")
     p.add_argument(

@@ -17,7 +17,7 @@ from . import distributed as dist
 from .augment import eval_view, to_input
 from .datasets import PackedSplit
 from .fileio import atomic_save
-from .finetune import intra_op_threads
+from .finetune import cpu_workers, intra_op_threads
 from .runtime import Runtime
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def extract_features(
         return f
 
     batches = image_batches(packed, cfg, cfg.finetune.feature_batch_size, indices)
-    workers = torch.get_num_threads() if runtime.device.type == "cpu" else 1
+    workers = cpu_workers(runtime.device)
     if workers > 1:
         # All cores, one batch each (same batches, same per-batch results as one after the
         # other): a convolution split over both cores of a busy machine waits for the slowed

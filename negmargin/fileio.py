@@ -97,14 +97,19 @@ def append_line(path: str | Path, line: str) -> None:
         handle.flush()
 
 
+def probe_writable(folder: Path) -> None:
+    """Create ``folder`` if needed and write and remove an empty file in it; OSError if that fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def ensure_writable_dir(folder: str | Path, what: str = "work dir") -> Path:
     """Create ``folder`` if needed and check that files can be written in it."""
     folder = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as exc:
         raise UserError(
             f"cannot write to the {what} '{folder}' ({exc.strerror}); choose a writable "

@@ -259,6 +259,18 @@ def intra_op_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def cpu_workers(device: torch.device, threads: int = 0) -> int:
+    """How many threads take whole pieces of work at once (chunks of episodes, batches of images).
+
+    ``threads`` if given (``finetune.threads``), else: on a GPU one (the device parallelises
+    each op itself), on a CPU one per core torch may use, each running its ops on one core
+    (see :func:`negmargin.meta_test.run_episodes` for the measurements behind it).
+    """
+    if threads:
+        return threads
+    return 1 if device.type != "cpu" else max(1, torch.get_num_threads())
+
+
 @dataclass
 class FittedHeads:
     """Heads fine-tuned on E episodes' support sets, ready to score queries."""

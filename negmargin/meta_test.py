@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import distributed as dist
 from .config import EvalConfig
 from .episodes import sample_episodes
-from .finetune import EPS, FinetuneConfig, fit_heads, intra_op_threads
+from .finetune import EPS, FinetuneConfig, cpu_workers, fit_heads, intra_op_threads
 
 Z_95 = 1.96
 CHUNKS_PER_WORKER = 4  # chunks per core: balance when a core is shared with other work
@@ -75,17 +75,6 @@ def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes:
     return max(16, min(1024, budget_bytes // per_episode))
 
 
-def engine_workers(device: torch.device, threads: int = 0) -> int:
-    """How many chunks of episodes are fine-tuned at once (``finetune.threads``; 0 = auto).
-
-    Auto: on a GPU one (the device parallelises each op); on a CPU one per core
-    torch may use. See :func:`run_episodes` for why the cores take whole chunks.
-    """
-    if threads:
-        return threads
-    return 1 if device.type != "cpu" else max(1, torch.get_num_threads())
-
-
 def run_episodes(
     features: Tensor,
     episodes: Tensor,
@@ -111,7 +100,7 @@ def run_episodes(
         episodes: (E, n_way, n_shot + n_query) indices into ``features``.
         episode_ids: (E,) global ids, seeding each episode's head init and batch order.
         settings: the fine-tune; its ``chunk_size`` (episodes per chunk, 0 = chosen
-            from memory and cores) and ``threads`` (chunks at once, 0 = :func:`engine_workers`'
+            from memory and cores) and ``threads`` (chunks at once, 0 = :func:`negmargin.finetune.cpu_workers`'
             choice) only decide how the work is split.
         steps: SGD steps per episode.
 
@@ -124,7 +113,7 @@ def run_episodes(
     n = n_way * n_shot
     device = features.device
     dim = features.shape[1]
-    workers = engine_workers(device, settings.threads)
+    workers = cpu_workers(device, settings.threads)
     chunk = settings.chunk_size or min(
         auto_chunk(n, n_way * n_query, n_way, dim),
         max(CHUNKS_MIN, math.ceil(E / (CHUNKS_PER_WORKER * workers))),

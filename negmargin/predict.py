@@ -21,7 +21,6 @@ import csv
 import io
 import json
 import math
-import os
 import sys
 from collections import Counter
 from collections.abc import Hashable, Sequence
@@ -39,8 +38,8 @@ from .checkpoint import load_checkpoint
 from .config import Config, default_finetune_steps, load_config
 from .distributed import local_device
 from .errors import CheckpointError, ConfigError, DataError, UserError
-from .fileio import atomic_write_text
-from .finetune import FittedHeads, fit_heads, intra_op_threads
+from .fileio import atomic_write_text, probe_writable
+from .finetune import FittedHeads, cpu_workers, fit_heads, intra_op_threads
 from .imageio import is_image_file, read_image, to_array
 from .model import load_trained_model
 
@@ -75,10 +74,7 @@ def check_output_path(path: str | Path, name: str = "--out") -> Path:
         raise UserError(f"{name} '{path}' is a folder; give a file name")
     folder = path.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".negmargin-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(folder)
     except OSError as exc:
         raise UserError(f"cannot write {name} '{path}': {exc.strerror or exc} in '{folder}'") from None
     return path
@@ -209,7 +205,7 @@ class FewShotClassifier:
         # On a CPU the cores take whole batches, each batch on one core (the meta-test
         # engine's rule, measured in bench/loaded.py): idle as fast as splitting every
         # convolution over the cores, and on a busy machine no op waits for a slowed core.
-        workers = 1 if self.device.type != "cpu" else max(1, torch.get_num_threads())
+        workers = cpu_workers(self.device)
         if workers > 1:
             batch_size = min(batch_size, max(8, math.ceil(len(images) / (2 * workers))))
 
