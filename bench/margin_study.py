@@ -46,8 +46,8 @@ sys.path.insert(0, str(REPO))
 from negmargin.config import Config, load_config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
 from negmargin.features import extract_features  # noqa: E402
-from negmargin.fileio import atomic_write_text  # noqa: E402
-from negmargin.meta_test import meta_test  # noqa: E402
+from negmargin.fileio import atomic_save, atomic_write_text  # noqa: E402
+from negmargin.meta_test import meta_test, paired_difference  # noqa: E402
 from negmargin.model import load_trained_model  # noqa: E402
 from negmargin.runtime import Runtime  # noqa: E402
 from negmargin.train import run  # noqa: E402
@@ -134,8 +134,13 @@ STUDIES = {
 }
 
 
-def evaluate(cfg: Config, checkpoint: Path) -> dict:
-    """Base-class accuracy on held-out images and novel 5-way 1-/5-shot of one checkpoint."""
+def evaluate(cfg: Config, checkpoint: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Base-class accuracy on held-out images and novel 5-way 1-/5-shot of one checkpoint.
+
+    Returns the summary and the per-item scores behind it: ``base_hits`` (n_images,)
+    0/100 per held-out image, ``novel_1shot``/``novel_5shot`` (2000,) per-episode
+    accuracy — the same images and episodes for every run, so two runs compare paired.
+    """
     # fp32, contiguous inputs into the checkpoint's channels-last model: as the study always measured
     cpu = Runtime(torch.device("cpu"), "fp32", channels_last=False)
     model, ckpt = load_trained_model(cfg, checkpoint, cpu.device)
@@ -143,14 +148,24 @@ def evaluate(cfg: Config, checkpoint: Path) -> dict:
     feats = extract_features(model.backbone, holdout, cfg, cpu, progress=False)
     with torch.no_grad():  # head rows beyond the base classes never had a label (mini's 100 rows)
         pred = model.head.similarity(feats)[:, : holdout.num_classes].argmax(1).numpy()
-    out = {"epoch": ckpt.get("epoch"), "base_accuracy": float((pred == holdout.labels).mean() * 100)}
+    hits = (pred == holdout.labels).astype(np.float32) * 100
+    out = {"epoch": ckpt.get("epoch"), "base_accuracy": float(hits.mean())}
+    items = {"base_hits": hits}
     test = load_split(cfg, "test", progress=False, log=lambda m: None)
     test_feats = extract_features(model.backbone, test, cfg, cpu, progress=False)
     for shot in (1, 5):
         ev = replace(cfg.meta_test, n_shot=shot, steps=None)
         r = meta_test(test_feats, test.labels, ev, cfg.finetune, test.class_names, progress=False)
         out[f"novel_{shot}shot"] = {"mean": r.mean, "ci95": r.ci95}
-    return out
+        items[f"novel_{shot}shot"] = r.accuracies.astype(np.float32)
+    return out, items
+
+
+def save_items(path: Path, best: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> None:
+    """Per-item scores of a run's two checkpoints, compressed (~20 kB a run), written atomically."""
+    arrays = {f"best_{k}": v for k, v in best.items()} | {f"final_{k}": v for k, v in final.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def images_per_second(work_dir: Path, batch_size: int) -> float | None:
@@ -164,12 +179,13 @@ def images_per_second(work_dir: Path, batch_size: int) -> float | None:
     return batch_size / statistics.median(times) if times else None
 
 
-def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path) -> dict:
+def run_tag(setting: Setting, seed: int, suffix: str) -> str:
+    """The run's folder name (under --runs-dir) and the name of its per-item scores."""
     temperature = f"_T{setting.temperature:g}" if setting.temperature is not None else ""
-    tag = f"{setting.head}{temperature}_m{setting.margin:+g}_seed{seed}" + (
-        f"_{args.tag}" if args.tag else ""
-    )
-    wd = runs_dir / tag
+    return f"{setting.head}{temperature}_m{setting.margin:+g}_seed{seed}" + (f"_{suffix}" if suffix else "")
+
+
+def study_config(args, study: Study, setting: Setting, seed: int) -> Config:
     overrides = [
         *study.overrides,
         f"model.head='{setting.head}'",
@@ -183,14 +199,30 @@ def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path) -> 
         overrides.append(f"model.temperature={setting.temperature}")
     if setting.margin > 0:
         overrides.append("model.allow_positive_margin=True")
-    cfg = replace(load_config(study.config, overrides), name=tag)
+    return replace(load_config(study.config, overrides), name=run_tag(setting, seed, args.tag))
+
+
+def evaluate_run(cfg: Config, wd: Path, items_path: Path) -> tuple[dict, dict]:
+    """Evaluate the best-val and the last checkpoint of a finished run; save their per-item scores."""
+    best, best_items = evaluate(cfg, wd / "best_accuracy_mean.pth")
+    # The best checkpoint is often the last epoch's: the same weights, evaluated once.
+    if best["epoch"] == cfg.train.epochs:
+        final, final_items = best, best_items
+    else:
+        final, final_items = evaluate(cfg, wd / "latest.pth")
+    save_items(items_path, best_items, final_items)
+    return best, final
+
+
+def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path, out: Path) -> dict:
+    cfg = study_config(args, study, setting, seed)
+    tag = cfg.name
+    wd = runs_dir / tag
     resumed = (wd / "latest.pth").is_file()
     t0 = time.time()
     summary = run(cfg, wd, auto_resume=True, progress=False)
     train_seconds = time.time() - t0
-    best = evaluate(cfg, wd / "best_accuracy_mean.pth")
-    # The best checkpoint is often the last epoch's: the same weights, evaluated once.
-    final = best if best["epoch"] == cfg.train.epochs else evaluate(cfg, wd / "latest.pth")
+    best, final = evaluate_run(cfg, wd, out / "items" / f"{tag}.npz")
     result = {
         "head": setting.head,
         "margin": setting.margin,
@@ -209,6 +241,7 @@ def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path) -> 
         "resumed": resumed,  # train_seconds then covers only the part after the interruption
         "images_per_second": images_per_second(wd, cfg.train.batch_size),
         "epochs": cfg.train.epochs,
+        "items": f"items/{tag}.npz",
     }
     n1, n5 = result["novel_1shot"], result["novel_5shot"]
     print(
@@ -266,6 +299,77 @@ def aggregate(results: list[dict], settings: tuple[Setting, ...]) -> list[dict]:
     return rows
 
 
+def paired(results: list[dict], out: Path) -> list[dict]:
+    """Each run against the cosine m = 0 run of its seed, on the same images and episodes.
+
+    A cosine run is compared with m = 0 at its own temperature, the softmax Baseline
+    with m = 0 at the lowest temperature run (the configs' 10). Runs whose per-item
+    scores are missing (their checkpoints gone) are left out.
+    """
+
+    def items(r: dict) -> dict | None:
+        path = out / r["items"] if r.get("items") else None
+        return dict(np.load(path)) if path and path.is_file() else None
+
+    zeros = [r for r in results if r["head"] == "cosine" and r["margin"] == 0]
+    rows = []
+    for r in results:
+        if r["head"] == "cosine" and r["margin"] == 0:
+            continue
+        refs = [z for z in zeros if z["seed"] == r["seed"] and z.get("tag") == r.get("tag")]
+        if r["head"] == "cosine":
+            refs = [z for z in refs if z.get("temperature") == r.get("temperature")]
+        refs.sort(key=lambda z: z.get("temperature") or 0)
+        a, b = items(r), items(refs[0]) if refs else None
+        if a is None or b is None:
+            continue
+        row = {
+            "head": r["head"],
+            "margin": r["margin"],
+            "temperature": r.get("temperature"),
+            "seed": r["seed"],
+            "reference_temperature": refs[0].get("temperature"),
+        }
+        for which in ("final", "best"):
+            for key in ("base_hits", "novel_1shot", "novel_5shot"):
+                delta, ci = paired_difference(a[f"{which}_{key}"], b[f"{which}_{key}"])
+                name = "base_accuracy" if key == "base_hits" else key
+                row[f"{which}_{name}_delta"], row[f"{which}_{name}_ci95"] = delta, ci
+        rows.append(row)
+    return rows
+
+
+def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]:
+    if not rows:
+        return []
+    order = {(s.head, s.margin, s.temperature): i for i, s in enumerate(settings)}
+    label = {(s.head, s.margin, s.temperature): s.label for s in settings}
+
+    def key(r: dict) -> tuple:
+        k = (r["head"], r["margin"], r["temperature"])
+        return k if k in order else (r["head"], r["margin"], None)
+
+    rows = sorted(rows, key=lambda r: (order.get(key(r), 99), r["seed"]))
+    lines = [
+        "**Paired differences against m = 0** (the same seed; a cosine run against m = 0 at its "
+        "temperature, the Baseline against cosine m = 0 at T = "
+        f"{rows[0]['reference_temperature']:g}): Δ on the same held-out base images and the same "
+        "2000 test episodes. ± is the paired 95% CI: it removes the draw of images and episodes "
+        "(an easy episode is easy for both runs), not the training noise — that is what the seeds "
+        "measure. Last-epoch checkpoints (best-val checkpoints in the json).",
+        "",
+        "| setting | seed | Δ base classes | Δ novel 1-shot | Δ novel 5-shot |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            f"{r[f'final_{k}_delta']:+.2f} ± {r[f'final_{k}_ci95']:.2f}"
+            for k in ("base_accuracy", "novel_1shot", "novel_5shot")
+        ]
+        lines.append(f"| {label.get(key(r), r['head'])} | {r['seed']} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def _cell(row: dict, key: str) -> str:
     text = f"{row[key]:.2f}"
     if f"{key}_ci95" in row:
@@ -275,7 +379,7 @@ def _cell(row: dict, key: str) -> str:
     return text
 
 
-def markdown(rows: list[dict], study: Study, command: str) -> str:
+def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] = ()) -> str:
     lines = []
     for which, title in (
         ("best", "Checkpoint with the best 1-shot val accuracy (the benchmark protocol)"),
@@ -304,6 +408,7 @@ def markdown(rows: list[dict], study: Study, command: str) -> str:
         "deviation across seeds; train time per run on this 2-core CPU (a run resumed after an "
         "interruption counts only its last part); img/s from the median logged iteration time.",
         "",
+        *paired_markdown(list(pairs), study.settings),
         f"Command: `{command}`",
     ]
     return "\n".join(lines) + "\n"
@@ -393,8 +498,12 @@ def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dic
         [f"python bench/margin_study.py {args.dataset} --data-root ../shared/data/{args.dataset}", *shown]
     )
     suffix = f"_{args.tag}" if args.tag else ""
-    atomic_write_text(out / f"results{suffix}.json", json.dumps({"rows": rows, "runs": results}, indent=1))
-    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, command))
+    pairs = paired(results, out)
+    atomic_write_text(
+        out / f"results{suffix}.json",
+        json.dumps({"rows": rows, "paired": pairs, "runs": results}, indent=1),
+    )
+    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, command, pairs))
     plot(by_temperature(rows), study, out / f"margin{suffix}.png")
     if args.combine:
         groups = []
@@ -403,6 +512,42 @@ def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dic
             groups += by_temperature(data["rows"])
         plot(groups, study, out / "margin_combined.png")
     return rows
+
+
+def backfill_items(args, study: Study, results: list[dict], runs_dir: Path, out: Path) -> bool:
+    """Per-item scores for runs finished before the study saved them, from their checkpoints.
+
+    The re-evaluation must reproduce the stored means (the evaluation is deterministic);
+    a run whose numbers differ is reported and left without items.
+    """
+    changed = False
+    for r in results:
+        if r.get("tag", "") != args.tag or (r.get("items") and (out / r["items"]).is_file()):
+            continue
+        setting = next((s for s in study.settings if matches(r, s)), None)
+        if setting is None:
+            continue
+        name = run_tag(setting, r["seed"], args.tag)
+        path, wd = out / "items" / f"{name}.npz", runs_dir / name
+        if path.is_file():  # saved by a run whose results.json entry an older runner rewrote
+            r["items"], changed = f"items/{name}.npz", True
+            continue
+        if not (wd / "best_accuracy_mean.pth").is_file():
+            continue
+        cfg = study_config(args, study, setting, r["seed"])
+        best, final = evaluate_run(cfg, wd, path)
+        stored = [r["base_accuracy"], r["novel_1shot"]["mean"], r["final"]["novel_5shot"]["mean"]]
+        again = [best["base_accuracy"], best["novel_1shot"]["mean"], final["novel_5shot"]["mean"]]
+        if not np.allclose(stored, again, atol=1e-4):
+            print(
+                f"{cfg.name}: re-evaluation gives {again}, stored {stored}: items not kept", file=sys.stderr
+            )
+            path.unlink()
+            continue
+        print(f"{name}: per-item scores re-computed (means reproduce the stored ones)", flush=True)
+        r["items"] = f"items/{name}.npz"
+        changed = True
+    return changed
 
 
 def main() -> None:
@@ -441,12 +586,14 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     state = out / f"results{suffix}.json"
     results = json.loads(state.read_text())["runs"] if state.is_file() else []
+    if backfill_items(args, study, results, runs_dir, out):
+        write_report(args, study, out, results)
     chosen = [study.settings[i] for i in args.only] if args.only else list(study.settings)
     for seed in args.seeds:
         for setting in chosen:
             if any(matches(r, setting) and r["seed"] == seed for r in results):
                 continue  # finished in an earlier session: its numbers are in results.json
-            results.append(one_run(args, study, setting, seed, runs_dir))
+            results.append(one_run(args, study, setting, seed, runs_dir, out))
             write_report(args, study, out, results)  # the committed state after every run
     rows = write_report(args, study, out, results)
     print(markdown(rows, study, "see results.md"))

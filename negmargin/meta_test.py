@@ -69,6 +69,32 @@ class MetaTestResult:
         )
 
 
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Mean of ``a - b`` and its 95% CI half-width, for two scores of the *same* items.
+
+    Two models meta-tested on the same episodes (the engine's episodes depend only
+    on ``episode_seed``), or top-1 hits (0/100) on the same images: the difference
+    per item cancels what the items share (an easy episode is easy for both), so its
+    CI is usually far tighter than the two separate CIs — it separates a real
+    difference between the models from the draw of episodes. It says nothing about
+    training noise (another seed gives another model).
+
+    Args:
+        a, b: (n,) per-item scores, item i the same episode or image in both.
+    Returns:
+        (mean difference, 1.96 · std(a - b) / √n) — the same formula as
+        :attr:`MetaTestResult.ci95`, applied to the differences.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError(
+            f"paired_difference needs two 1-d score arrays over the same items, got shapes "
+            f"{a.shape} and {b.shape}"
+        )
+    d = a - b
+    return float(d.mean()), float(Z_95 * d.std() / math.sqrt(len(d)))
+
+
 def auto_chunk(n_support: int, n_query: int, n_way: int, dim: int, budget_bytes: int = 256 * 2**20) -> int:
     """Episodes per chunk so that the gathered features of a chunk stay within the budget."""
     per_episode = (n_support + n_query + n_way) * dim * 4 * 3  # features, normalised copies

@@ -17,7 +17,7 @@ from negmargin.finetune import (
     query_scores,
     step_positions,
 )
-from negmargin.meta_test import MetaTestResult, meta_test, run_episodes
+from negmargin.meta_test import MetaTestResult, meta_test, paired_difference, run_episodes
 from negmargin.testing import reference_episode
 
 
@@ -114,6 +114,24 @@ def test_ci_is_1_96_std_over_sqrt_n():
     acc = np.array([60.0, 80.0, 100.0, 40.0])
     r = MetaTestResult(acc, 5, 1, 15, 150)
     assert r.mean == 70.0 and r.ci95 == pytest.approx(1.96 * np.std(acc) / 2)
+
+
+def test_paired_difference_cancels_what_the_episodes_share():
+    # hand-computed: differences 10, 0, 20, -10 -> mean 5, std 11.18, n 4
+    delta, ci = paired_difference(np.array([70.0, 80, 100, 40]), np.array([60.0, 80, 80, 50]))
+    assert delta == 5.0 and ci == pytest.approx(1.96 * np.std([10, 0, 20, -10]) / 2)
+    # 2000 episodes whose difficulty varies a lot; model a is 1.5 points better on each
+    rng = np.random.default_rng(0)
+    difficulty = rng.uniform(20, 90, 2000)
+    a = difficulty + 1.5 + rng.normal(0, 3, 2000)
+    b = difficulty + rng.normal(0, 3, 2000)
+    ra, rb = MetaTestResult(a, 5, 1, 15, 150), MetaTestResult(b, 5, 1, 15, 150)
+    assert abs(ra.mean - rb.mean) < ra.ci95 + rb.ci95  # the separate CIs overlap ...
+    delta, ci = paired_difference(a, b)
+    assert delta - ci > 0 and abs(delta - 1.5) < ci  # ... the paired one finds the difference
+    assert ci < ra.ci95 / 4
+    with pytest.raises(ValueError, match=r"same items.*\(2000,\) and \(1999,\)"):
+        paired_difference(a, b[:-1])
 
 
 def test_meta_test_api_end_to_end():
