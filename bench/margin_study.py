@@ -479,6 +479,88 @@ def plot(groups: list[tuple[str, list[dict]]], study: Study, path: Path, which: 
     return True
 
 
+def plot_paired(pairs: list[dict], study: Study, path: Path) -> bool:
+    """Δ accuracy against m = 0 of the same seed (paired, same images and episodes) per margin.
+
+    One colour per temperature, one marker per seed; error bars are the paired 95% CI.
+    The softmax Baseline's Δ (against cosine m = 0) is a dashed line.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    if not pairs:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    panels = (
+        ("base_accuracy", f"Δ base classes ({study.base_task})"),
+        ("novel_1shot", "Δ novel classes, 5-way 1-shot"),
+        ("novel_5shot", "Δ novel classes, 5-way 5-shot"),
+    )
+    temps = sorted({p["temperature"] for p in pairs if p["head"] == "cosine"})
+    seeds = sorted({p["seed"] for p in pairs})
+    for ax, (key, title) in zip(axes, panels):
+        margins = [p["margin"] for p in pairs if p["head"] == "cosine"]
+        if margins and max(margins) > 0:
+            ax.axvspan(0, max(margins) * 1.3, color="0.92", label="m > 0: outside Neg-Margin")
+        ax.axhline(0, color="0.4", lw=0.8)
+        for k, t in enumerate(temps):
+            for j, seed in enumerate(seeds):
+                ps = sorted(
+                    (
+                        p
+                        for p in pairs
+                        if p["head"] == "cosine" and p["temperature"] == t and p["seed"] == seed
+                    ),
+                    key=lambda p: p["margin"],
+                )
+                if not ps:
+                    continue
+                shift = (j - (len(seeds) - 1) / 2) * 0.002  # seeds side by side
+                # m = 0 is the reference: Δ = 0 by definition, placed in margin order
+                pts = sorted(
+                    [(0.0, 0.0, 0.0)]
+                    + [(p["margin"], p[f"final_{key}_delta"], p[f"final_{key}_ci95"]) for p in ps]
+                )
+                ax.errorbar(
+                    [m + shift for m, _, _ in pts],
+                    [d for _, d, _ in pts],
+                    yerr=[c for _, _, c in pts],
+                    marker="osD^"[j % 4],
+                    color=f"C{k}",
+                    capsize=3,
+                    lw=1,
+                    label=f"cosine T={t:g}, seed {seed}",
+                )
+        for p in (q for q in pairs if q["head"] == "softmax"):
+            ax.axhline(
+                p[f"final_{key}_delta"],
+                color="C3",
+                ls="--",
+                lw=1.2,
+                label=f"softmax Baseline vs cosine T={p['reference_temperature']:g} m=0, seed {p['seed']}",
+            )
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("margin m")
+        ax.set_ylabel("Δ accuracy vs m = 0 (points)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    fig.suptitle(
+        f"{study.title}\nlast epoch, each run minus m = 0 of its seed on the same images and "
+        "episodes; ± paired 95% CI",
+        fontsize=11,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def by_temperature(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     """Cosine rows grouped by temperature (one curve each); softmax rows ride with the first group."""
     temps = sorted({r["temperature"] for r in rows if r["head"] == "cosine"})
@@ -493,7 +575,8 @@ def by_temperature(rows: list[dict]) -> list[tuple[str, list[dict]]]:
 
 def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dict]:
     rows = aggregate(results, study.settings)
-    shown = [shlex.quote(a) for a in sys.argv[2:] if not a.startswith("--data-root") and a != args.data_root]
+    hidden = {"--data-root", args.data_root, "--report-only"}  # the study's command, not this call's
+    shown = [shlex.quote(a) for a in sys.argv[2:] if a not in hidden and not a.startswith("--data-root=")]
     command = " ".join(
         [f"python bench/margin_study.py {args.dataset} --data-root ../shared/data/{args.dataset}", *shown]
     )
@@ -505,6 +588,7 @@ def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dic
     )
     atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, command, pairs))
     plot(by_temperature(rows), study, out / f"margin{suffix}.png")
+    plot_paired(pairs, study, out / f"paired{suffix}.png")
     if args.combine:
         groups = []
         for tag in args.combine:
@@ -563,6 +647,11 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the results files and run folders (e.g. bf16)")
     parser.add_argument("--only", type=int, nargs="+", help="subset of the study's settings by index")
     parser.add_argument("--list", action="store_true", help="list the study's settings and exit")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the tables and figures from results.json; train nothing",
+    )
     parser.add_argument("--cfg-options", nargs="+", default=[])
     parser.add_argument(
         "--combine", nargs="+", help="also plot these studies' results together ('' = untagged)"
@@ -586,8 +675,10 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     state = out / f"results{suffix}.json"
     results = json.loads(state.read_text())["runs"] if state.is_file() else []
-    if backfill_items(args, study, results, runs_dir, out):
+    if backfill_items(args, study, results, runs_dir, out) or args.report_only:
         write_report(args, study, out, results)
+    if args.report_only:
+        return
     chosen = [study.settings[i] for i in args.only] if args.only else list(study.settings)
     for seed in args.seeds:
         for setting in chosen:
