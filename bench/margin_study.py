@@ -417,13 +417,8 @@ def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] = (
     return "\n".join(lines) + "\n"
 
 
-def plot(groups: list[tuple[str, list[dict]]], study: Study, path: Path, which: str = "final") -> bool:
-    """Accuracy against margin: base classes, novel 1-shot, novel 5-shot.
-
-    ``groups`` are (label, rows) of one study each (e.g. T = 10 and T = 30); their
-    cosine rows are curves, a softmax row is drawn as a dashed Baseline line.
-    Error bars: sd across seeds, or the test's 95% CI for a single seed.
-    """
+def _panels(margins: list[float]):
+    """(plt, fig, axes) of a three-panel figure, the m > 0 region shaded; None without matplotlib."""
     try:
         import matplotlib
 
@@ -431,17 +426,45 @@ def plot(groups: list[tuple[str, list[dict]]], study: Study, path: Path, which: 
         import matplotlib.pyplot as plt
     except ImportError:
         print("matplotlib is not installed (pip install 'negmargin[plot]'): no figure", file=sys.stderr)
-        return False
+        return None
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    if margins and max(margins) > 0:
+        for ax in axes:
+            ax.axvspan(0, max(margins) * 1.3, color="0.92", label="m > 0: outside Neg-Margin")
+    return plt, fig, axes
+
+
+def _save(plt, fig, axes, title: str, path: Path) -> bool:
+    """One legend (first panel, labels once), grid, title; write the png."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot(groups: list[tuple[str, list[dict]]], study: Study, path: Path, which: str = "final") -> bool:
+    """Accuracy against margin: base classes, novel 1-shot, novel 5-shot.
+
+    ``groups`` are (label, rows) of one study each (e.g. T = 10 and T = 30); their
+    cosine rows are curves, a softmax row is drawn as a dashed Baseline line.
+    Error bars: sd across seeds, or the test's 95% CI for a single seed.
+    """
+    figure = _panels([r["margin"] for _, rows in groups for r in rows if r["head"] == "cosine"])
+    if figure is None:
+        return False
+    plt, fig, axes = figure
     panels = (
         ("base_accuracy", f"base classes: {study.base_task}"),
         ("novel_1shot", "novel classes: 5-way 1-shot"),
         ("novel_5shot", "novel classes: 5-way 5-shot"),
     )
-    margins = [r["margin"] for _, rows in groups for r in rows if r["head"] == "cosine"]
     for ax, (key, title) in zip(axes, panels):
-        if margins and max(margins) > 0:
-            ax.axvspan(0, max(margins) * 1.3, color="0.92", label="m > 0: outside Neg-Margin")
         ax.axvline(0, color="0.6", lw=0.8)
         full = f"{which}_{key}"
         for k, (label, rows) in enumerate(groups):
@@ -470,16 +493,9 @@ def plot(groups: list[tuple[str, list[dict]]], study: Study, path: Path, which: 
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("margin m  (target logit = T·(cos − m))")
         ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="best")
     what = "last-epoch checkpoints" if which == "final" else "checkpoints with the best val accuracy"
-    fig.suptitle(f"{study.title}, {what}; mean ± sd over seeds (± 95% CI for one seed)", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    title = f"{study.title}, {what}; mean ± sd over seeds (± 95% CI for one seed)"
+    return _save(plt, fig, axes, title, path)
 
 
 def plot_paired(pairs: list[dict], study: Study, path: Path) -> bool:
@@ -488,16 +504,10 @@ def plot_paired(pairs: list[dict], study: Study, path: Path) -> bool:
     One colour per temperature, one marker per seed; error bars are the paired 95% CI.
     The softmax Baseline's Δ (against cosine m = 0) is a dashed line.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    figure = _panels([p["margin"] for p in pairs if p["head"] == "cosine"]) if pairs else None
+    if figure is None:
         return False
-    if not pairs:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.3))
+    plt, fig, axes = figure
     panels = (
         ("base_accuracy", f"Δ base classes ({study.base_task})"),
         ("novel_1shot", "Δ novel classes, 5-way 1-shot"),
@@ -506,9 +516,6 @@ def plot_paired(pairs: list[dict], study: Study, path: Path) -> bool:
     temps = sorted({p["temperature"] for p in pairs if p["head"] == "cosine"})
     seeds = sorted({p["seed"] for p in pairs})
     for ax, (key, title) in zip(axes, panels):
-        margins = [p["margin"] for p in pairs if p["head"] == "cosine"]
-        if margins and max(margins) > 0:
-            ax.axvspan(0, max(margins) * 1.3, color="0.92", label="m > 0: outside Neg-Margin")
         ax.axhline(0, color="0.4", lw=0.8)
         for k, t in enumerate(temps):
             for j, seed in enumerate(seeds):
@@ -549,19 +556,11 @@ def plot_paired(pairs: list[dict], study: Study, path: Path) -> bool:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("margin m")
         ax.set_ylabel("Δ accuracy vs m = 0 (points)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axes[0].legend(unique.values(), unique.keys(), fontsize=7, loc="best")
-    fig.suptitle(
+    title = (
         f"{study.title}\nlast epoch, each run minus m = 0 of its seed on the same images and "
-        "episodes; ± paired 95% CI",
-        fontsize=11,
+        "episodes; ± paired 95% CI"
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, axes, title, path)
 
 
 def by_temperature(rows: list[dict]) -> list[tuple[str, list[dict]]]:
