@@ -152,7 +152,7 @@ def evaluate(cfg: Config, checkpoint: Path) -> tuple[dict, dict[str, np.ndarray]
     with torch.no_grad():  # head rows beyond the base classes never had a label (mini's 100 rows)
         pred = model.head.similarity(feats)[:, : holdout.num_classes].argmax(1).numpy()
     hits = (pred == holdout.labels).astype(np.float32) * 100
-    out = {"epoch": ckpt.get("epoch"), "base_accuracy": float(hits.mean())}
+    out = {"epoch": ckpt.get("epoch"), "base_accuracy": float(hits.mean()), "base_ci95": ci95(hits)}
     items = {"base_hits": hits}
     test = load_split(cfg, "test", progress=False, log=lambda m: None)
     test_feats = extract_features(model.backbone, test, cfg, cpu, progress=False)
@@ -234,6 +234,7 @@ def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path, out
         "tag": args.tag,
         "temperature": cfg.model.temperature,
         "base_accuracy": best["base_accuracy"],
+        "base_ci95": best["base_ci95"],
         "novel_1shot": best["novel_1shot"],
         "novel_5shot": best["novel_5shot"],
         "best_val_1shot": summary["best_accuracy_mean"],
@@ -261,7 +262,23 @@ def view(r: dict, which: str) -> dict:
     """A run's numbers for the best-val checkpoint ("best") or the last epoch ("final")."""
     if which == "final":
         return r["final"]
-    return {k: r[k] for k in ("base_accuracy", "novel_1shot", "novel_5shot")}
+    return {k: r[k] for k in ("base_accuracy", "base_ci95", "novel_1shot", "novel_5shot") if k in r}
+
+
+def ci95(hits: np.ndarray) -> float:
+    """95% CI half-width of an accuracy over images (0/100 hits): the test's formula."""
+    return float(1.96 * hits.std() / np.sqrt(len(hits)))
+
+
+def fill_base_ci(results: list[dict], out: Path) -> None:
+    """Base-accuracy CIs for runs recorded before the study stored them, from their items."""
+    for r in results:
+        path = out / r["items"] if r.get("items") else None
+        if "base_ci95" in r or path is None or not path.is_file():
+            continue
+        items = np.load(path)
+        r["base_ci95"] = ci95(items["best_base_hits"])
+        r["final"]["base_ci95"] = ci95(items["final_base_hits"])
 
 
 def matches(r: dict, s: Setting) -> bool:
@@ -298,6 +315,8 @@ def aggregate(results: list[dict], settings: tuple[Setting, ...]) -> list[dict]:
                 row[f"{which}_{key}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
                 if key != "base_accuracy":
                     row[f"{which}_{key}_ci95"] = float(np.mean([v[key]["ci95"] for v in vs]))
+                elif all("base_ci95" in v for v in vs):
+                    row[f"{which}_{key}_ci95"] = float(np.mean([v["base_ci95"] for v in vs]))
         rows.append(row)
     return rows
 
@@ -407,7 +426,8 @@ def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] = (
             )
         lines.append("")
     lines += [
-        "± is the 95% CI half-width of 2000 test episodes (averaged over seeds); sd is the standard "
+        "± is the 95% CI half-width over the 2000 test episodes or the held-out base images (averaged "
+        "over seeds); sd is the standard "
         "deviation across seeds; train time per run on this 2-core CPU (a run resumed after an "
         "interruption counts only its last part); img/s from the median logged iteration time.",
         "",
@@ -576,6 +596,7 @@ def by_temperature(rows: list[dict]) -> list[tuple[str, list[dict]]]:
 
 
 def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dict]:
+    fill_base_ci(results, out)
     rows = aggregate(results, study.settings)
     hidden = {"--data-root", args.data_root, "--report-only"}  # the study's command, not this call's
     shown = [shlex.quote(a) for a in sys.argv[2:] if a not in hidden and not a.startswith("--data-root=")]
