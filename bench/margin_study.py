@@ -165,7 +165,7 @@ def evaluate(cfg: Config, checkpoint: Path) -> tuple[dict, dict[str, np.ndarray]
 
 
 def save_items(path: Path, best: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> None:
-    """Per-item scores of a run's two checkpoints, compressed (~20 kB a run), written atomically."""
+    """Per-item scores of a run's two checkpoints, compressed (~12 kB a run), written atomically."""
     arrays = {f"best_{k}": v for k, v in best.items()} | {f"final_{k}": v for k, v in final.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(path, lambda f: np.savez_compressed(f, **arrays))
@@ -342,7 +342,7 @@ def paired(results: list[dict], out: Path) -> list[dict]:
         if r["head"] == "cosine":
             refs = [z for z in refs if z.get("temperature") == r.get("temperature")]
         refs.sort(key=lambda z: z.get("temperature") or 0)
-        a, b = items(r), items(refs[0]) if refs else None
+        a, b = items(r), (items(refs[0]) if refs else None)
         if a is None or b is None:
             continue
         row = {
@@ -401,7 +401,7 @@ def _cell(row: dict, key: str) -> str:
     return text
 
 
-def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] = ()) -> str:
+def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] | None = None) -> str:
     lines = []
     for which, title in (
         ("best", "Checkpoint with the best 1-shot val accuracy (the benchmark protocol)"),
@@ -431,7 +431,7 @@ def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] = (
         "deviation across seeds; train time per run on this 2-core CPU (a run resumed after an "
         "interruption counts only its last part); img/s from the median logged iteration time.",
         "",
-        *paired_markdown(list(pairs), study.settings),
+        *paired_markdown(pairs or [], study.settings),
         f"Command: `{command}`",
     ]
     return "\n".join(lines) + "\n"
