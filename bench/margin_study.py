@@ -273,10 +273,9 @@ def ci95(hits: np.ndarray) -> float:
 def fill_base_ci(results: list[dict], out: Path) -> None:
     """Base-accuracy CIs for runs recorded before the study stored them, from their items."""
     for r in results:
-        path = out / r["items"] if r.get("items") else None
-        if "base_ci95" in r or path is None or not path.is_file():
+        items = None if "base_ci95" in r else load_items(r, out)
+        if items is None:
             continue
-        items = np.load(path)
         r["base_ci95"] = ci95(items["best_base_hits"])
         r["final"]["base_ci95"] = ci95(items["final_base_hits"])
 
@@ -321,6 +320,23 @@ def aggregate(results: list[dict], settings: tuple[Setting, ...]) -> list[dict]:
     return rows
 
 
+def load_items(r: dict, out: Path) -> dict[str, np.ndarray] | None:
+    """A run's per-item scores (``save_items``), or None where they were never kept."""
+    path = out / r["items"] if r.get("items") else None
+    return dict(np.load(path)) if path and path.is_file() else None
+
+
+def differences(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[str, float]:
+    """Paired Δ (a − b) and its 95% CI for both checkpoints and the three measures."""
+    row = {}
+    for which in ("final", "best"):
+        for key in ("base_hits", "novel_1shot", "novel_5shot"):
+            delta, ci = paired_difference(a[f"{which}_{key}"], b[f"{which}_{key}"])
+            name = "base_accuracy" if key == "base_hits" else key
+            row[f"{which}_{name}_delta"], row[f"{which}_{name}_ci95"] = delta, ci
+    return row
+
+
 def paired(results: list[dict], out: Path) -> list[dict]:
     """Each run against the cosine m = 0 run of its seed, on the same images and episodes.
 
@@ -328,11 +344,6 @@ def paired(results: list[dict], out: Path) -> list[dict]:
     with m = 0 at the lowest temperature run (the configs' 10). Runs whose per-item
     scores are missing (their checkpoints gone) are left out.
     """
-
-    def items(r: dict) -> dict | None:
-        path = out / r["items"] if r.get("items") else None
-        return dict(np.load(path)) if path and path.is_file() else None
-
     zeros = [r for r in results if r["head"] == "cosine" and r["margin"] == 0]
     rows = []
     for r in results:
@@ -342,28 +353,58 @@ def paired(results: list[dict], out: Path) -> list[dict]:
         if r["head"] == "cosine":
             refs = [z for z in refs if z.get("temperature") == r.get("temperature")]
         refs.sort(key=lambda z: z.get("temperature") or 0)
-        a, b = items(r), (items(refs[0]) if refs else None)
+        a, b = load_items(r, out), (load_items(refs[0], out) if refs else None)
         if a is None or b is None:
             continue
-        row = {
-            "head": r["head"],
-            "margin": r["margin"],
-            "temperature": r.get("temperature"),
-            "seed": r["seed"],
-            "reference_temperature": refs[0].get("temperature"),
-        }
-        for which in ("final", "best"):
-            for key in ("base_hits", "novel_1shot", "novel_5shot"):
-                delta, ci = paired_difference(a[f"{which}_{key}"], b[f"{which}_{key}"])
-                name = "base_accuracy" if key == "base_hits" else key
-                row[f"{which}_{name}_delta"], row[f"{which}_{name}_ci95"] = delta, ci
-        rows.append(row)
+        rows.append(
+            {
+                "head": r["head"],
+                "margin": r["margin"],
+                "temperature": r.get("temperature"),
+                "seed": r["seed"],
+                "reference_temperature": refs[0].get("temperature"),
+                **differences(a, b),
+            }
+        )
     return rows
 
 
-def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]:
-    if not rows:
-        return []
+def between_seeds(results: list[dict], out: Path) -> list[dict]:
+    """Each later seed of a setting against its first seed, on the same images and episodes.
+
+    Two trainings of one setting differ only by the seed (initialisation, batch order,
+    augmentation), so their paired Δ is the training noise that the paired CI against
+    m = 0 leaves out — the yardstick for a margin's effect measured on one seed.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["head"], r["margin"], r.get("temperature"), r.get("tag")), []).append(r)
+    rows = []
+    for (head, margin, temperature, _), rs in groups.items():
+        first, *later = sorted(rs, key=lambda r: r["seed"])
+        b = load_items(first, out)
+        for r in later:
+            a = load_items(r, out)
+            if a is None or b is None:
+                continue
+            rows.append(
+                {
+                    "head": head,
+                    "margin": margin,
+                    "temperature": temperature,
+                    "seed": r["seed"],
+                    "reference_seed": first["seed"],
+                    **differences(a, b),
+                }
+            )
+    return rows
+
+
+MEASURES = ("base_accuracy", "novel_1shot", "novel_5shot")
+
+
+def _sorted_by_setting(rows: list[dict], settings: tuple[Setting, ...]) -> list[tuple[str, list[dict]]]:
+    """(label, rows) per setting in the study's order, each setting's rows by seed."""
     order = {(s.head, s.margin, s.temperature): i for i, s in enumerate(settings)}
     label = {(s.head, s.margin, s.temperature): s.label for s in settings}
 
@@ -371,25 +412,64 @@ def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str
         k = (r["head"], r["margin"], r["temperature"])
         return k if k in order else (r["head"], r["margin"], None)
 
-    rows = sorted(rows, key=lambda r: (order.get(key(r), 99), r["seed"]))
+    groups: dict[tuple, list[dict]] = {}
+    for r in sorted(rows, key=lambda r: (order.get(key(r), 99), r["seed"])):
+        groups.setdefault(key(r), []).append(r)
+    return [(label.get(k, k[0]), rs) for k, rs in groups.items()]
+
+
+def _delta_cells(r: dict) -> str:
+    return " | ".join(f"{r[f'final_{k}_delta']:+.2f} ± {r[f'final_{k}_ci95']:.2f}" for k in MEASURES)
+
+
+def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]:
+    if not rows:
+        return []
     lines = [
         "**Paired differences against m = 0** (the same seed; a cosine run against m = 0 at its "
         "temperature, the Baseline against cosine m = 0 at T = "
         f"{rows[0]['reference_temperature']:g}): Δ on the same held-out base images and the same "
         "2000 test episodes. ± is the paired 95% CI: it removes the draw of images and episodes "
         "(an easy episode is easy for both runs), not the training noise — that is what the seeds "
-        "measure. Last-epoch checkpoints (best-val checkpoints in the json).",
+        "measure. Where a setting has several seeds, its last row is their mean Δ with the sd of "
+        "the Δs across seeds. Last-epoch checkpoints (best-val checkpoints in the json).",
         "",
         "| setting | seed | Δ base classes | Δ novel 1-shot | Δ novel 5-shot |",
         "|---|---|---|---|---|",
     ]
-    for r in rows:
-        cells = [
-            f"{r[f'final_{k}_delta']:+.2f} ± {r[f'final_{k}_ci95']:.2f}"
-            for k in ("base_accuracy", "novel_1shot", "novel_5shot")
-        ]
-        lines.append(f"| {label.get(key(r), r['head'])} | {r['seed']} | " + " | ".join(cells) + " |")
+    for label, rs in _sorted_by_setting(rows, settings):
+        lines += [f"| {label} | {r['seed']} | {_delta_cells(r)} |" for r in rs]
+        if len(rs) > 1:
+            cells = []
+            for k in MEASURES:
+                ds = np.array([r[f"final_{k}_delta"] for r in rs])
+                cells.append(f"**{ds.mean():+.2f}** (sd {ds.std(ddof=1):.2f})")
+            lines.append(f"| {label} | mean of {len(rs)} | " + " | ".join(cells) + " |")
     return lines + [""]
+
+
+def seeds_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "**Between seeds** (a later seed minus the first of the same setting, on the same images "
+        "and episodes; ± paired 95% CI): two trainings that differ only by the seed — the training "
+        "noise that the paired CIs above leave out.",
+        "",
+        "| setting | seeds | Δ base classes | Δ novel 1-shot | Δ novel 5-shot |",
+        "|---|---|---|---|---|",
+    ]
+    for label, rs in _sorted_by_setting(rows, settings):
+        lines += [f"| {label} | {r['seed']} − {r['reference_seed']} | {_delta_cells(r)} |" for r in rs]
+    # If two runs of a setting differ by d = x1 − x0, each has noise sd = rms(d) / √2.
+    noise = [float(np.sqrt(np.mean([r[f"final_{k}_delta"] ** 2 for r in rows]) / 2)) for k in MEASURES]
+    lines += [
+        "",
+        f"Training noise of one run (rms of these Δ / √2, {len(rows)} pairs): base classes "
+        f"{noise[0]:.2f}, novel 1-shot {noise[1]:.2f}, novel 5-shot {noise[2]:.2f} points (sd).",
+        "",
+    ]
+    return lines
 
 
 def _cell(row: dict, key: str) -> str:
@@ -401,7 +481,13 @@ def _cell(row: dict, key: str) -> str:
     return text
 
 
-def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] | None = None) -> str:
+def markdown(
+    rows: list[dict],
+    study: Study,
+    command: str,
+    pairs: list[dict] | None = None,
+    seed_pairs: list[dict] | None = None,
+) -> str:
     lines = []
     for which, title in (
         ("best", "Checkpoint with the best 1-shot val accuracy (the benchmark protocol)"),
@@ -432,6 +518,7 @@ def markdown(rows: list[dict], study: Study, command: str, pairs: list[dict] | N
         "interruption counts only its last part); img/s from the median logged iteration time.",
         "",
         *paired_markdown(pairs or [], study.settings),
+        *seeds_markdown(seed_pairs or [], study.settings),
         f"Command: `{command}`",
     ]
     return "\n".join(lines) + "\n"
@@ -604,12 +691,12 @@ def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dic
         [f"python bench/margin_study.py {args.dataset} --data-root ../shared/data/{args.dataset}", *shown]
     )
     suffix = f"_{args.tag}" if args.tag else ""
-    pairs = paired(results, out)
+    pairs, seed_pairs = paired(results, out), between_seeds(results, out)
     atomic_write_text(
         out / f"results{suffix}.json",
-        json.dumps({"rows": rows, "paired": pairs, "runs": results}, indent=1),
+        json.dumps({"rows": rows, "paired": pairs, "between_seeds": seed_pairs, "runs": results}, indent=1),
     )
-    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, command, pairs))
+    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, command, pairs, seed_pairs))
     plot(by_temperature(rows), study, out / f"margin{suffix}.png")
     plot_paired(pairs, study, out / f"paired{suffix}.png")
     if args.combine:

@@ -1,0 +1,129 @@
+"""bench/margin_study.py's report: paired differences against m = 0 and between seeds, from per-item scores."""
+
+import json
+
+import numpy as np
+
+from tests.conftest import REPO, run_cli
+
+N_IMAGES, N_EPISODES = 300, 2000
+
+
+def _run(out, head, margin, seed, items):
+    """A results.json entry whose numbers are those of its items (both checkpoints the same)."""
+    name = f"{head}_m{margin:+g}_seed{seed}"
+    np.savez_compressed(
+        out / "items" / f"{name}.npz", **{f"{w}_{k}": v for w in ("best", "final") for k, v in items.items()}
+    )
+
+    def view():
+        return {
+            "base_accuracy": float(items["base_hits"].mean()),
+            "base_ci95": 1.0,
+            "novel_1shot": {"mean": float(items["novel_1shot"].mean()), "ci95": 0.4},
+            "novel_5shot": {"mean": float(items["novel_5shot"].mean()), "ci95": 0.4},
+        }
+
+    return {
+        "head": head,
+        "margin": margin,
+        "seed": seed,
+        "temperature": 10.0,
+        "tag": "",
+        "precision": "bf16",
+        "train_seconds": 60.0,
+        "images_per_second": 300.0,
+        "best_epoch": 10,
+        "best_val_1shot": 40.0,
+        "checkpoint_epoch": 10,
+        "epochs": 10,
+        **view(),
+        "final": view(),
+        "items": f"items/{name}.npz",
+    }
+
+
+def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
+    rng = np.random.default_rng(0)
+    data_root, out = tmp_path / "mini", tmp_path / "out"
+    data_root.mkdir()
+    (data_root / "train.csv").write_text("filename,label\n")  # the study's marker: data present
+    (out / "items").mkdir(parents=True)
+    # Shared difficulty per episode / image, so paired differences are far tighter than the runs' CIs.
+    difficulty = rng.normal(50, 15, N_EPISODES)
+    p_image = rng.uniform(0.1, 0.9, N_IMAGES)
+
+    def items(offset_1shot, base_p_shift):
+        return {
+            "base_hits": 100.0 * (rng.uniform(size=N_IMAGES) < p_image + base_p_shift),
+            "novel_1shot": difficulty + offset_1shot + rng.normal(0, 3, N_EPISODES),
+            "novel_5shot": difficulty + 15 + rng.normal(0, 3, N_EPISODES),
+        }
+
+    # seed 1 trains a better m = 0 model (+0.8); the margin helps by +0.5 at seed 0, +0.1 at seed 1
+    scores = {
+        ("cosine", 0.0, 0): items(0.0, 0.0),
+        ("cosine", 0.0, 1): items(0.8, 0.0),
+        ("cosine", -0.05, 0): items(0.5, -0.05),
+        ("cosine", -0.05, 1): items(0.9, -0.05),
+    }
+    runs = [_run(out, head, m, seed, it) for (head, m, seed), it in scores.items()]
+    (out / "results.json").write_text(json.dumps({"runs": runs}))
+
+    done = run_cli(
+        [
+            str(REPO / "bench/margin_study.py"),
+            "mini_imagenet",
+            "--data-root",
+            str(data_root),
+            "--out",
+            str(out),
+            "--report-only",
+        ],
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "results.json").read_text())
+
+    def delta(a, b, key):
+        return float((scores[a][key] - scores[b][key]).mean())
+
+    pairs = {p["seed"]: p for p in result["paired"]}
+    assert sorted(pairs) == [0, 1]  # only the m = -0.05 runs; m = 0 is the reference
+    for seed in (0, 1):
+        want = delta(("cosine", -0.05, seed), ("cosine", 0.0, seed), "novel_1shot")
+        assert abs(pairs[seed]["final_novel_1shot_delta"] - want) < 1e-6
+        assert pairs[seed]["final_novel_1shot_ci95"] < 0.3  # paired: the shared difficulty cancels
+    assert abs(pairs[0]["final_novel_1shot_delta"] - 0.5) < 0.3
+    assert abs(pairs[1]["final_novel_1shot_delta"] - 0.1) < 0.3
+
+    seeds = {s["margin"]: s for s in result["between_seeds"]}
+    assert sorted(seeds) == [-0.05, 0.0] and all(
+        s["seed"] == 1 and s["reference_seed"] == 0 for s in seeds.values()
+    )
+    d = {m: delta(("cosine", m, 1), ("cosine", m, 0), "novel_1shot") for m in (0.0, -0.05)}
+    assert abs(seeds[0.0]["final_novel_1shot_delta"] - d[0.0]) < 1e-6
+    assert abs(seeds[0.0]["final_novel_1shot_delta"] - 0.8) < 0.3
+
+    md = (out / "results.md").read_text()
+    mean = (pairs[0]["final_novel_1shot_delta"] + pairs[1]["final_novel_1shot_delta"]) / 2
+    sd = abs(pairs[0]["final_novel_1shot_delta"] - pairs[1]["final_novel_1shot_delta"]) / np.sqrt(2)
+    assert "| cosine T=10 m=-0.05 | mean of 2 |" in md
+    assert f"**{mean:+.2f}** (sd {sd:.2f})" in md
+    assert "| cosine T=10 m=0 | 1 − 0 |" in md
+    noise = np.sqrt((d[0.0] ** 2 + d[-0.05] ** 2) / 2 / 2)
+    assert f"novel 1-shot {noise:.2f}" in md
+
+
+def test_study_skips_cleanly_without_its_data(tmp_path):
+    done = run_cli(
+        [
+            str(REPO / "bench/margin_study.py"),
+            "mini_imagenet",
+            "--data-root",
+            str(tmp_path / "absent"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert done.returncode == 0, done.stderr
+    assert "skipping" in done.stdout and not (tmp_path / "out").exists()
