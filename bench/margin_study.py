@@ -465,7 +465,7 @@ def seeds_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]
     noise = [float(np.sqrt(np.mean([r[f"final_{k}_delta"] ** 2 for r in rows]) / 2)) for k in MEASURES]
     lines += [
         "",
-        f"Training noise of one run (rms of these Δ / √2, {len(rows)} pairs): base classes "
+        f"Training noise of one run (rms of these Δ / √2, {len(rows)} pair{'s' * (len(rows) > 1)}): base classes "
         f"{noise[0]:.2f}, novel 1-shot {noise[1]:.2f}, novel 5-shot {noise[2]:.2f} points (sd).",
         "",
     ]
@@ -484,7 +484,7 @@ def _cell(row: dict, key: str) -> str:
 def markdown(
     rows: list[dict],
     study: Study,
-    command: str,
+    commands: list[str],
     pairs: list[dict] | None = None,
     seed_pairs: list[dict] | None = None,
 ) -> str:
@@ -519,8 +519,13 @@ def markdown(
         "",
         *paired_markdown(pairs or [], study.settings),
         *seeds_markdown(seed_pairs or [], study.settings),
-        f"Command: `{command}`",
     ]
+    if commands:
+        lines += [
+            "Commands (one per seed; `--only` gives the settings run at that seed, as numbered by `--list`):",
+            "",
+            *[f"    {c}" for c in commands],
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -682,21 +687,43 @@ def by_temperature(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     return groups or [("", softmax)]
 
 
+def study_commands(args, study: Study, results: list[dict]) -> list[str]:
+    """The commands that reproduce the recorded runs: one per seed, ``--only`` where a seed
+    covers part of the grid (built from the results, not from this call's command line)."""
+    base = [f"python bench/margin_study.py {args.dataset} --data-root ../shared/data/{args.dataset}"]
+    if args.precision != study.precision:
+        base += ["--precision", args.precision]
+    if args.tag:
+        base += ["--tag", shlex.quote(args.tag)]
+    # where the data caches live changes no number: a machine's path would only confuse
+    options = [o for o in args.cfg_options if not o.startswith("data.cache_dir=")]
+    if options:
+        base += ["--cfg-options", *map(shlex.quote, options)]
+    commands = []
+    for seed in sorted({r["seed"] for r in results if r.get("tag", "") == args.tag}):
+        done = [
+            i
+            for i, s in enumerate(study.settings)
+            if any(matches(r, s) and r["seed"] == seed for r in results)
+        ]
+        line = base + ([f"--seeds {seed}"] if seed != 0 else [])
+        if len(done) < len(study.settings):
+            line.append("--only " + " ".join(map(str, done)))
+        commands.append(" ".join(line))
+    return commands
+
+
 def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dict]:
     fill_base_ci(results, out)
     rows = aggregate(results, study.settings)
-    hidden = {"--data-root", args.data_root, "--report-only"}  # the study's command, not this call's
-    shown = [shlex.quote(a) for a in sys.argv[2:] if a not in hidden and not a.startswith("--data-root=")]
-    command = " ".join(
-        [f"python bench/margin_study.py {args.dataset} --data-root ../shared/data/{args.dataset}", *shown]
-    )
+    commands = study_commands(args, study, results)
     suffix = f"_{args.tag}" if args.tag else ""
     pairs, seed_pairs = paired(results, out), between_seeds(results, out)
     atomic_write_text(
         out / f"results{suffix}.json",
         json.dumps({"rows": rows, "paired": pairs, "between_seeds": seed_pairs, "runs": results}, indent=1),
     )
-    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, command, pairs, seed_pairs))
+    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, commands, pairs, seed_pairs))
     plot(by_temperature(rows), study, out / f"margin{suffix}.png")
     plot_paired(pairs, study, out / f"paired{suffix}.png")
     if args.combine:
@@ -797,7 +824,7 @@ def main() -> None:
             results.append(one_run(args, study, setting, seed, runs_dir, out))
             write_report(args, study, out, results)  # the committed state after every run
     rows = write_report(args, study, out, results)
-    print(markdown(rows, study, "see results.md"))
+    print(markdown(rows, study, [], None, None))
 
 
 if __name__ == "__main__":

@@ -110,6 +110,9 @@ def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
     assert "| cosine T=10 m=-0.05 | mean of 2 |" in md
     assert f"**{mean:+.2f}** (sd {sd:.2f})" in md
     assert "| cosine T=10 m=0 | 1 − 0 |" in md
+    # the commands that reproduce the runs, one per seed, the settings by their --list index
+    assert "mini_imagenet --data-root ../shared/data/mini_imagenet --only 0 1\n" in md
+    assert "mini_imagenet --data-root ../shared/data/mini_imagenet --seeds 1 --only 0 1\n" in md
     noise = np.sqrt((d[0.0] ** 2 + d[-0.05] ** 2) / 2 / 2)
     assert f"novel 1-shot {noise:.2f}" in md
 
