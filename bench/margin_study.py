@@ -418,6 +418,16 @@ def _sorted_by_setting(rows: list[dict], settings: tuple[Setting, ...]) -> list[
     return [(label.get(k, k[0]), rs) for k, rs in groups.items()]
 
 
+def _delta_table(caption: str, second_column: str) -> list[str]:
+    """Caption and header of a table of Δs: setting, ``second_column``, the three measures."""
+    return [
+        caption,
+        "",
+        f"| setting | {second_column} | Δ base classes | Δ novel 1-shot | Δ novel 5-shot |",
+        "|---|---|---|---|---|",
+    ]
+
+
 def _delta_cells(r: dict) -> str:
     return " | ".join(f"{r[f'final_{k}_delta']:+.2f} ± {r[f'final_{k}_ci95']:.2f}" for k in MEASURES)
 
@@ -425,7 +435,7 @@ def _delta_cells(r: dict) -> str:
 def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]:
     if not rows:
         return []
-    lines = [
+    lines = _delta_table(
         "**Paired differences against m = 0** (the same seed; a cosine run against m = 0 at its "
         "temperature, the Baseline against cosine m = 0 at T = "
         f"{rows[0]['reference_temperature']:g}): Δ on the same held-out base images and the same "
@@ -433,10 +443,8 @@ def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str
         "(an easy episode is easy for both runs), not the training noise — that is what the seeds "
         "measure. Where a setting has several seeds, its last row is their mean Δ with the sd of "
         "the Δs across seeds. Last-epoch checkpoints (best-val checkpoints in the json).",
-        "",
-        "| setting | seed | Δ base classes | Δ novel 1-shot | Δ novel 5-shot |",
-        "|---|---|---|---|---|",
-    ]
+        "seed",
+    )
     for label, rs in _sorted_by_setting(rows, settings):
         lines += [f"| {label} | {r['seed']} | {_delta_cells(r)} |" for r in rs]
         if len(rs) > 1:
@@ -451,14 +459,12 @@ def paired_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str
 def seeds_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]:
     if not rows:
         return []
-    lines = [
+    lines = _delta_table(
         "**Between seeds** (a later seed minus the first of the same setting, on the same images "
         "and episodes; ± paired 95% CI): two trainings that differ only by the seed — the training "
         "noise that the paired CIs above leave out.",
-        "",
-        "| setting | seeds | Δ base classes | Δ novel 1-shot | Δ novel 5-shot |",
-        "|---|---|---|---|---|",
-    ]
+        "seeds",
+    )
     for label, rs in _sorted_by_setting(rows, settings):
         lines += [f"| {label} | {r['seed']} − {r['reference_seed']} | {_delta_cells(r)} |" for r in rs]
     # If two runs of a setting differ by d = x1 − x0, each has noise sd = rms(d) / √2.
