@@ -18,8 +18,13 @@ last epoch's:
   classes (mean and 95% CI), the benchmark protocol;
 * training wall time and img/s (median iteration time of the run's log).
 
-Writes ``results[_tag].json``, ``.md`` and ``margin[_tag].png`` (matplotlib,
-optional) in ``--out`` (default ``docs/<dataset>``) after every finished run, so
+Every run is scored on the same held-out images and test episodes, and its per-item
+scores are kept (``items/<run>.npz``), so the report also gives paired differences:
+each run against m = 0 of its seed, and each later seed against the first of its
+setting (the training noise).
+
+Writes ``results[_tag].json``, ``.md``, ``margin[_tag].png`` and ``paired[_tag].png``
+(matplotlib, optional) in ``--out`` (default ``docs/<dataset>``) after every finished run, so
 the committed files are the study's state: a run already in ``results.json`` is
 skipped, and an interrupted run resumes from its ``latest.pth`` in
 ``--runs-dir``. Without the data (a user's clone has no ``../shared``) it says so
