@@ -711,7 +711,7 @@ def study_commands(args, study: Study, results: list[dict]) -> list[str]:
     if options:
         base += ["--cfg-options", *map(shlex.quote, options)]
     commands = []
-    for seed in sorted({r["seed"] for r in results if r.get("tag", "") == args.tag}):
+    for seed in sorted({r["seed"] for r in results}):  # one state file holds one tag
         done = [
             i
             for i, s in enumerate(study.settings)
@@ -835,7 +835,7 @@ def main() -> None:
             results.append(one_run(args, study, setting, seed, runs_dir, out))
             write_report(args, study, out, results)  # the committed state after every run
     rows = write_report(args, study, out, results)
-    print(markdown(rows, study, [], None, None))
+    print(markdown(rows, study, []))
 
 
 if __name__ == "__main__":
