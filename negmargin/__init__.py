@@ -2,25 +2,25 @@
 
 The public API::
 
-    from negmargin import Config, load_config, build_model, FewShotClassifier, meta_test
+    from negmargin import Config, load_config, build_model, FewShotClassifier, run_meta_test
 
 Training and the meta-test of a checkpoint: ``negmargin.train.run(cfg, work_dir)`` and
 ``negmargin.evaluate.run_test(cfg, checkpoint, work_dir)``.
 """
 
-__version__ = "0.1.0"
-
-from .config import Config, load_config  # noqa: E402
-from .meta_test import MetaTestResult, meta_test  # noqa: E402
-from .model import FewShotModel, build_model  # noqa: E402
-from .predict import FewShotClassifier  # noqa: E402
+from ._version import __version__
+from .config import Config, load_config
+from .meta_test import MetaTestResult, run_meta_test
+from .model import FewShotModel, build_model
+from .predict import FewShotClassifier
 
 __all__ = [
+    "__version__",
     "Config",
     "FewShotClassifier",
     "FewShotModel",
     "MetaTestResult",
     "build_model",
     "load_config",
-    "meta_test",
+    "run_meta_test",
 ]

@@ -30,7 +30,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
 from .fileio import atomic_save
 
@@ -132,6 +132,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def infer_backbone(state: dict[str, torch.Tensor]) -> str:
+    """The backbone of an imported mmfewshot state dict, from its key names (its files carry
+    no config; ours always do and are never guessed)."""
     keys = [k for k in state if k.startswith("backbone.")]
     if any(k.startswith("backbone.layer1.0.conv1") for k in keys):
         return "resnet12"
@@ -140,6 +142,18 @@ def infer_backbone(state: dict[str, torch.Tensor]) -> str:
     raise CheckpointError(
         f"cannot tell the backbone from the checkpoint's keys (first keys: {', '.join(list(state)[:4])})"
     )
+
+
+def stored_backbone(checkpoint: dict[str, Any], path: str | Path) -> str:
+    """The backbone a checkpoint was trained with: its config's ``model.backbone``; the
+    ``backbone`` key set on import (or by earlier versions); else guessed from key names."""
+    config = checkpoint.get("config")
+    if isinstance(config, dict):
+        name = (config.get("model") or {}).get("backbone")
+        if not isinstance(name, str):
+            raise CheckpointError(f"checkpoint '{path}' holds a config without model.backbone")
+        return name
+    return checkpoint.get("backbone") or infer_backbone(checkpoint["model"])
 
 
 def import_reference(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -172,8 +186,12 @@ def import_reference(raw: dict[str, Any], path: Path) -> dict[str, Any]:
 def load_model_weights(
     model: torch.nn.Module, checkpoint: dict[str, Any], path: str | Path, expected_backbone: str
 ) -> None:
-    """Load ``checkpoint['model']`` into ``model``, with a clear error on any mismatch."""
-    found = checkpoint.get("backbone") or infer_backbone(checkpoint["model"])
+    """Load ``checkpoint['model']`` into ``model``, with a clear error on any mismatch.
+
+    The checkpoint's backbone is read from its stored config (``model.backbone``); only a
+    file without one (an imported mmfewshot checkpoint) has it guessed from key names.
+    """
+    found = stored_backbone(checkpoint, path)
     if found != expected_backbone:
         raise CheckpointError(
             f"checkpoint '{path}' holds a {found} backbone but the config says model.backbone="

@@ -9,8 +9,12 @@ non-zero exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -19,19 +23,12 @@ import numpy as np
 
 from . import distributed as dist
 from .config import Config, apply_override, load_config
-from .datasets import load_split
+from .datasets import DATASETS, load_split
 from .errors import NonFiniteLossError, UserError
 from .evaluate import run_test
-from .fileio import atomic_save
-from .predict import (
-    FewShotClassifier,
-    check_output_path,
-    collect_query_paths,
-    positive_int,
-    probability,
-    summary_line,
-    write_predictions,
-)
+from .fileio import atomic_save, atomic_write_text, probe_writable
+from .imageio import Skipped, collect_query_paths
+from .predict import FewShotClassifier, positive_int, probability
 from .train import run
 
 
@@ -122,7 +119,6 @@ def with_overrides(cfg: Config, seed: int | None, deterministic: bool) -> Config
 
 
 def _load(args: argparse.Namespace) -> Config:
-
     overrides = list(args.cfg_options)
     if args.data_root:
         overrides.append(f"data.root={args.data_root!r}")
@@ -144,7 +140,6 @@ def train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> None:
-
         cfg = with_overrides(_load(args), args.seed, args.deterministic)
         summary = run(
             cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume, progress=not args.quiet
@@ -165,7 +160,7 @@ def test_main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="e.g. work_dir/<config name>/best_accuracy_mean.pth")
     parser.add_argument(
         "--shots",
-        type=int,
+        type=_checked(positive_int),
         nargs="+",
         help="shot counts to test (default: the config's); --shots 1 5 runs both from one checkpoint",
     )
@@ -174,7 +169,9 @@ def test_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-way", type=int)
     parser.add_argument("--n-query", type=int)
     parser.add_argument("--n-episodes", type=int)
-    parser.add_argument("--steps", type=int, help="fine-tune steps per episode (default 150 / 600)")
+    parser.add_argument(
+        "--steps", type=_checked(positive_int), help="fine-tune steps per episode (default 150 / 600)"
+    )
     parser.add_argument("--episode-seed", type=int)
     parser.add_argument("--show-task-results", action="store_true", help="print every episode's accuracy")
     compat.add_argument(
@@ -183,7 +180,6 @@ def test_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def go() -> None:
-
         for key in ("n_way", "n_query", "n_episodes", "episode_seed"):
             value = getattr(args, key)
             if value is not None:
@@ -192,10 +188,6 @@ def test_main(argv: list[str] | None = None) -> int:
             args.cfg_options.append(f"finetune.seed={args.seed}")
         cfg = _load(args)
         shots = [1, 5] if args.both_shots else args.shots
-        if shots and any(s <= 0 for s in shots):
-            raise UserError(f"--shots must be positive, got {shots}")
-        if args.steps is not None and args.steps <= 0:
-            raise UserError(f"--steps must be positive, got {args.steps}")
         run_test(
             cfg,
             args.checkpoint,
@@ -253,7 +245,7 @@ def _demo(args: argparse.Namespace) -> None:
             f"demo config '{args.config}' not found; run from the repository root or pass --config"
         )
     cfg = load_config(config, list(args.cfg_options))
-    work_dir = Path(args.work_dir or Path("work_dir") / cfg.name)
+    work_dir = work_dir_for(cfg, args.work_dir)
     t0 = time.time()
     summary = run(cfg, work_dir, progress=not args.quiet)
     t_train = time.time() - t0
@@ -268,12 +260,11 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"  novel classes, {r.line()}   (chance: {100 / r.n_way:.0f}%)")
 
 
-def _log(args) -> Callable[[str], None]:
+def _log(args: argparse.Namespace) -> Callable[[str], None]:
     return (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
 
 
-def _predict(args) -> None:
-
+def _predict(args: argparse.Namespace) -> None:
     log = _log(args)
     if args.out:
         check_output_path(args.out)
@@ -295,8 +286,7 @@ def _predict(args) -> None:
     log(summary_line(rows, bad))
 
 
-def _embed(args) -> None:
-
+def _embed(args: argparse.Namespace) -> None:
     check_output_path(args.out)
     paths, skipped = collect_query_paths(args.paths, what="image")
     clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
@@ -307,6 +297,73 @@ def _embed(args) -> None:
     kept_paths = np.array([str(paths[i]) for i in kept])
     atomic_save(args.out, lambda f: np.savez(f, features=feats.numpy(), paths=kept_paths))
     print(f"wrote {len(kept)} × {feats.shape[1]} features to {args.out}")
+
+
+# ------------------------------------------------------------------ predict's output
+
+
+def check_output_path(path: str | Path, name: str = "--out") -> Path:
+    """Fail before any work if ``path`` cannot be written (names the user's path, not a temp file)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{name} '{path}' is a folder; give a file name")
+    folder = path.parent
+    try:
+        probe_writable(folder)
+    except OSError as exc:
+        raise UserError(f"cannot write {name} '{path}': {exc.strerror or exc} in '{folder}'") from None
+    return path
+
+
+def summary_line(rows: list[dict], skipped: Skipped) -> str:
+    counts = Counter(str(r["predicted"]) for r in rows)
+    text = f"classified {len(rows)} images: " + ", ".join(f"{c} {n}" for c, n in counts.most_common())
+    bad = skipped.reasons.get("unreadable image(s)", [])
+    return text + (f"; {len(bad)} unreadable image(s) skipped" if bad else "")
+
+
+def write_predictions(
+    rows: list[dict],
+    out: str | Path | None,
+    as_json: bool,
+    top_k: int = 3,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+) -> None:
+    """Print a table (or JSON) with the top-k classes and write CSV/JSON to ``out`` if given."""
+    if as_json:
+        print(json.dumps(rows, indent=1, default=str))
+    elif rows:
+        width = min(60, max(len(r["path"]) for r in rows))
+        k = max(len(r["top_k"]) for r in rows)
+        title = f"{'image':<{width}}  {'predicted':<20} {'prob':>6}"
+        if k > 1:
+            title += "  " + "  ".join(f"top{i}" for i in range(2, k + 1))
+        print(title)
+        for r in rows:
+            line = f"{r['path'][-width:]:<{width}}  {str(r['predicted']):<20} {r['probability']:>6.3f}"
+            if k > 1:
+                line += "  " + "  ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top_k"][1:])
+            print(line)
+    if out is None:
+        return
+    out = Path(out)
+    if as_json or out.suffix.lower() == ".json":
+        atomic_write_text(out, json.dumps(rows, indent=1, default=str))
+    else:
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        k = max((len(r["top_k"]) for r in rows), default=top_k)
+        header: list[str] = ["path", "predicted", "probability"]
+        for i in range(1, k + 1):
+            header += [f"top{i}_class", f"top{i}_probability"]
+        writer.writerow(header)
+        for r in rows:
+            row = [r["path"], r["predicted"], r["probability"]]
+            for t in r["top_k"]:
+                row += [t["class"], t["probability"]]
+            writer.writerow(row)
+        atomic_write_text(out, buf.getvalue())
+    log(f"wrote {len(rows)} predictions to {out}")
 
 
 def _inference_options(p: argparse.ArgumentParser) -> None:
@@ -330,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("test", help="same as tools/classification/test.py", add_help=False)
 
     p = sub.add_parser("prepare", help="decode a dataset once into the packed cache")
-    p.add_argument("dataset", help="cub, mini_imagenet, tiered_imagenet, omniglot, folder or demo")
+    p.add_argument("dataset", help=", ".join(sorted(DATASETS)))
     p.add_argument("--root", help="dataset folder")
     p.add_argument("--size", type=int, help="short side of stored training images (default 256)")
     p.add_argument("--config", help="take data settings from this config instead")
@@ -340,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE")
 
     p = sub.add_parser(
-        "demo", help="generate the demo dataset, train and meta-test on it (~3 min on 2 cores)"
+        "demo", help="generate the demo dataset, train and meta-test on it (a few minutes on 2 CPU cores)"
     )
     p.add_argument(
         "--config",

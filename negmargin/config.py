@@ -154,9 +154,9 @@ class TrainConfig:
     # Mixed precision. "fp32" is the reference; "bf16" autocasts the backbone.
     # "auto" = bf16 on CUDA, fp32 on CPU (resolved at run start).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    # Measured here (bench/train_speed.py): channels-last is faster or equal for Conv4
-    # and ResNet12 on this CPU in fp32 and bf16, and the usual choice on GPUs.
-    # ("auto" in configs and checkpoints written before 0.2 means "on".)
+    # Channels-last: faster or equal for Conv4 and ResNet12 on CPUs in fp32 and bf16
+    # (bench/train_speed.py), and the usual choice on GPUs. ("auto" in configs and
+    # checkpoints written by earlier versions means "on".)
     channels_last: Literal["on", "off"] = "on"
     compile: bool = False  # torch.compile the backbone
     workers: int = 1  # background threads that read and augment batches
@@ -276,10 +276,6 @@ def default_finetune_steps(n_support: int) -> int:
     clipped to [150, 600]. ``predict`` uses the same rule for uneven shots.
     """
     return int(min(600, max(150, 24 * n_support)))
-
-
-def eval_steps(ev: EvalConfig) -> int:
-    return ev.resolved_steps
 
 
 # --------------------------------------------------------------------------- loading

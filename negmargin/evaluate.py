@@ -16,7 +16,7 @@ from .config import Config
 from .datasets import load_split
 from .features import cached_features
 from .fileio import atomic_write_text
-from .meta_test import MetaTestResult, meta_test
+from .meta_test import MetaTestResult, run_meta_test
 from .model import load_trained_model
 from .runtime import main_first, resolve, start_run
 
@@ -52,7 +52,7 @@ def run_test(
             ev = replace(ev, n_shot=n_shot, steps=None)  # the protocol's steps for that shot count
         if steps is not None:
             ev = replace(ev, steps=steps)
-        result = meta_test(
+        result = run_meta_test(
             feats,
             packed.labels,
             ev,

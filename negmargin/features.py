@@ -1,39 +1,105 @@
-"""Feature extraction: a frozen backbone over a split's images under the test transform, and its cache."""
+"""Features: a frozen backbone over images under the test transform — the one path for a
+split's images (meta-test, validation) and a user's (prediction) — and the split feature cache."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from . import distributed as dist
 from .augment import eval_view, to_input
 from .datasets import PackedSplit
 from .fileio import atomic_save
 from .finetune import cpu_workers, intra_op_threads
+from .runlog import progress_bar
 from .runtime import Runtime
 
 if TYPE_CHECKING:
     from .config import Config
 
 
-def image_batches(
-    packed: PackedSplit, cfg: Config, batch_size: int, indices: Sequence[int] | np.ndarray | None = None
-) -> Iterator[np.ndarray]:
-    """Yield (B, size, size, C) uint8 arrays of a split (or of ``indices`` of it, in that
-    order) under the test transform."""
+def embed(
+    backbone: nn.Module,
+    count: int,
+    view: Callable[[int], np.ndarray | None],
+    cfg: Config,
+    runtime: Runtime,
+    batch_size: int,
+    progress: bool = False,
+    desc: str = "embed",
+) -> tuple[Tensor, list[int]]:
+    """The one image → feature path: a split's images and a user's images alike.
+
+    ``view(i)`` gives item ``i`` of ``range(count)`` as an (H, W, C) uint8 image, or
+    None to leave it out (an unreadable file the caller chose to skip); it is called
+    in the worker thread that embeds the item's batch. Each image gets the test
+    transform (resize the short side, centre crop), then the frozen backbone in eval
+    mode under the runtime's precision and memory format.
+
+    Returns (M, D) float32 features on ``runtime.device`` of the M items that gave an
+    image, in order, and their positions in ``range(count)``.
+    """
+    was_training = backbone.training
+    backbone.eval()
     size, short, mode = cfg.data.image_size, cfg.test_resize, cfg.augment.interpolation
-    order = range(len(packed)) if indices is None else [int(i) for i in indices]
-    for start in range(0, len(order), batch_size):
-        part = order[start : start + batch_size]
-        yield np.stack([eval_view(packed.image(i), short, size, mode) for i in part])
+    workers = cpu_workers(runtime.device)
+    if workers > 1:  # a small set still fills every core
+        batch_size = min(batch_size, max(8, math.ceil(count / (2 * workers))))
+    bar = progress_bar(total=count, desc=desc, unit="img", enabled=progress, leave=False)
+
+    def one_batch(start: int) -> tuple[Tensor | None, list[int]]:
+        views, kept = [], []
+        for i in range(start, min(start + batch_size, count)):
+            image = view(i)
+            if image is not None:
+                views.append(eval_view(image, short, size, mode))
+                kept.append(i)
+        feats = None
+        if views:
+            # grad mode and autocast are per thread: set in the thread that runs the batch
+            with torch.no_grad(), runtime.autocast():
+                x = to_input(
+                    np.stack(views), cfg.data.mean, cfg.data.std, runtime.device, runtime.memory_format
+                )
+                feats = backbone(x).float()
+        bar.update(min(batch_size, count - start))
+        return feats, kept
+
+    starts = range(0, count, batch_size)
+    results: list[tuple[Tensor | None, list[int]]] = []
+    try:
+        if workers > 1:
+            # All cores, one batch each (same batches, same per-batch results as one after the
+            # other): a convolution split over both cores of a busy machine waits for the slowed
+            # one at every op; whole batches per core do not (bench/loaded.py, test.py rows).
+            with intra_op_threads(1), cf.ThreadPoolExecutor(workers) as pool:
+                pending: list[cf.Future] = []
+                for start in starts:  # at most 2 batches per core in memory at once
+                    pending.append(pool.submit(one_batch, start))
+                    if len(pending) >= 2 * workers:
+                        results.append(pending.pop(0).result())
+                results += [f.result() for f in pending]
+        else:
+            results = [one_batch(start) for start in starts]
+    finally:
+        bar.close()  # on an error too, so the error line stands alone
+        backbone.train(was_training)
+    feats = [f for f, _ in results if f is not None]
+    kept = [i for _, mine in results for i in mine]
+    out = torch.cat(feats) if feats else torch.empty(0, backbone_dim(backbone), device=runtime.device)
+    return out, kept
+
+
+def backbone_dim(backbone: nn.Module) -> int:
+    return int(getattr(backbone, "num_features", 0))
 
 
 def extract_features(
@@ -45,43 +111,17 @@ def extract_features(
     desc: str = "extract features",
     indices: Sequence[int] | np.ndarray | None = None,
 ) -> Tensor:
-    """Features of a split's images: frozen backbone, eval mode, test transform.
+    """Features of a split's images (:func:`embed` of the packed images).
 
     Returns (N, D) float32 on ``runtime.device`` for every image, or
     (len(indices), D) for ``indices`` (row i = image ``indices[i]``) when given.
     """
-    was_training = backbone.training
-    backbone.eval()
-    total = len(packed) if indices is None else len(indices)
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-
-    def embed(batch: np.ndarray) -> Tensor:
-        # grad mode and autocast are per thread: set in the thread that runs the batch
-        with torch.no_grad(), runtime.autocast():
-            x = to_input(batch, cfg.data.mean, cfg.data.std, runtime.device, runtime.memory_format)
-            f = backbone(x).float()
-        bar.update(len(batch))
-        return f
-
-    batches = image_batches(packed, cfg, cfg.finetune.feature_batch_size, indices)
-    workers = cpu_workers(runtime.device)
-    if workers > 1:
-        # All cores, one batch each (same batches, same per-batch results as one after the
-        # other): a convolution split over both cores of a busy machine waits for the slowed
-        # one at every op; whole batches per core do not (bench/loaded.py, test.py rows).
-        feats = []
-        with intra_op_threads(1), cf.ThreadPoolExecutor(workers) as pool:
-            pending: list[cf.Future] = []
-            for batch in batches:  # at most 2 batches per core in memory at once
-                pending.append(pool.submit(embed, batch))
-                if len(pending) >= 2 * workers:
-                    feats.append(pending.pop(0).result())
-            feats += [f.result() for f in pending]
-    else:
-        feats = [embed(batch) for batch in batches]
-    bar.close()
-    backbone.train(was_training)
-    return torch.cat(feats)
+    order = range(len(packed)) if indices is None else [int(i) for i in indices]
+    feats, _ = embed(
+        backbone, len(order), lambda i: packed.image(order[i]), cfg, runtime,
+        cfg.finetune.feature_batch_size, progress, desc,
+    )  # fmt: skip
+    return feats
 
 
 def feature_cache_key(backbone: nn.Module, packed: PackedSplit, cfg: Config, precision: str) -> str:

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm import tqdm
 
 from . import distributed as dist
 from .config import EvalConfig
 from .episodes import sample_episodes
 from .finetune import EPS, FinetuneConfig, cpu_workers, fit_heads, intra_op_threads
+from .runlog import progress_bar
 
 Z_95 = 1.96
 CHUNKS_PER_WORKER = 4  # chunks per core: balance when a core is shared with other work
@@ -149,7 +149,7 @@ def run_episodes(
     support_labels = torch.arange(n_way, device=device).repeat_interleave(n_shot)
     query_labels = torch.arange(n_way, device=device).repeat_interleave(n_query)
     out = np.empty(E, dtype=np.float64)
-    bar = tqdm(total=E, desc=desc, unit="episode", disable=not progress, dynamic_ncols=True, leave=False)
+    bar = progress_bar(total=E, desc=desc, unit="episode", enabled=progress, leave=False)
 
     def one_chunk(start: int) -> None:
         stop = min(start + chunk, E)
@@ -215,7 +215,7 @@ def meta_test_episodes(
     return MetaTestResult(accs, ev.n_way, ev.n_shot, ev.n_query, steps)
 
 
-def meta_test(
+def run_meta_test(
     features: Tensor,
     labels: np.ndarray,
     ev: EvalConfig,

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from . import distributed as dist
 from .checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
@@ -38,7 +37,7 @@ from .features import extract_features
 from .loader import TrainLoader
 from .meta_test import MetaTestResult, meta_test_episodes
 from .model import FewShotModel, build_model
-from .runlog import RunLog
+from .runlog import RunLog, progress_bar
 from .runtime import Runtime, main_first, resolve, seed_everything, start_run
 from .schedule import lr_at
 
@@ -91,25 +90,24 @@ def run(
 
     t_start = time.time()
     with StopRequest() as stop:
-        for epoch in tqdm(
+        for epoch in progress_bar(
             range(state.epoch, cfg.train.epochs), desc="epochs", unit="epoch", initial=state.epoch,
-            total=cfg.train.epochs, disable=not show, dynamic_ncols=True,
+            total=cfg.train.epochs, enabled=show,
         ):  # fmt: skip
             meter = Meter()
             for images, labels, lr, data_time in train_batches(state, loader, cfg, base_lr, epoch, show):
                 with rt.autocast():
                     logits, sims = ddp(images, labels)
                 loss = F.cross_entropy(logits, labels)
-                loss_value = check_finite(loss, state, work_dir)  # one device sync per step
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 kill_point(f"iter:{epoch * len(loader) + state.iteration + 1}")
                 state.iteration += 1
-                meter.add(loss=loss_value, accuracy=float((sims.argmax(1) == labels).float().mean()) * 100,
-                          data_time=data_time)  # fmt: skip
-                log_step(log, meter, state, cfg, epoch, len(loader), lr)
+                meter.add(loss.detach(), (sims.argmax(1) == labels).float().mean(), data_time)  # no sync
+                log_step(log, meter, state, cfg, epoch, len(loader), lr, work_dir)
                 if stop.requested(rt.device):
+                    meter.check_finite(state, work_dir)  # before these weights are written
                     stop.exit(log, state, cfg, work_dir, f"epoch {epoch + 1}, iteration {state.iteration}")
             state.epoch, state.iteration = epoch + 1, 0
             after_epoch(state, cfg, rt, val_split, work_dir, log, show, len(loader))
@@ -268,10 +266,9 @@ def train_batches(
 ) -> Iterator[tuple[Tensor, Tensor, float, float]]:
     """Yield (images, labels, lr, data_time) for the rest of ``epoch``, setting each step's lr."""
     iters = len(loader)
-    with tqdm(
-        total=iters, initial=state.iteration, desc=f"epoch {epoch + 1}", unit="it", leave=False,
-        disable=not show, dynamic_ncols=True,
-    ) as bar:  # fmt: skip
+    with progress_bar(
+        total=iters, initial=state.iteration, desc=f"epoch {epoch + 1}", unit="it", leave=False, enabled=show
+    ) as bar:
         for images, labels, data_time in loader.epoch(epoch, state.iteration):
             lr = lr_at(cfg.train, epoch * iters + state.iteration, epoch, base_lr)
             for group in state.optimizer.param_groups:
@@ -280,49 +277,67 @@ def train_batches(
             bar.update(1)
 
 
-def check_finite(loss: Tensor, state: TrainState, work_dir: Path) -> float:
-    """The loss as a number, or NonFiniteLossError before these weights are written anywhere."""
-    value = float(loss.item())
-    if not math.isfinite(value):
-        last = work_dir / "latest.pth"
-        raise NonFiniteLossError(
-            f"loss is {value} at epoch {state.epoch + 1}, iteration {state.iteration + 1}; training "
-            f"stopped before writing these weights. Last good checkpoint: "
-            f"{last if last.is_file() else 'none yet'}. Lower train.lr or check the data."
-        )
-    return value
-
-
 class Meter:
-    """Running means of a logging interval."""
+    """A logging interval's losses and accuracies, kept on the device: the host reads them
+    once per ``train.log_interval`` (nanoGPT's pattern), not once per step."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.n = 0
-        self.t_last = time.perf_counter()
+        self.reset()
 
-    def add(self, **values: float) -> None:
+    def reset(self) -> None:
+        self.losses: list[Tensor] = []
+        self.accuracies: list[Tensor] = []
+        self.data_time = 0.0
+        self.t_start = time.perf_counter()
+
+    def add(self, loss: Tensor, accuracy: Tensor, data_time: float) -> None:
+        """One step: its loss and batch accuracy (0-d device tensors, fraction), data wait (s)."""
+        self.losses.append(loss)
+        self.accuracies.append(accuracy)
+        self.data_time += data_time
+
+    def check_finite(self, state: TrainState, work_dir: Path) -> list[float]:
+        """The interval's losses as numbers (one device sync), or NonFiniteLossError naming the
+        first non-finite step; called before anything is written, so no such weights are saved."""
+        values = torch.stack(self.losses).float().cpu().tolist() if self.losses else []
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                last = work_dir / "latest.pth"
+                raise NonFiniteLossError(
+                    f"loss is {value} at epoch {state.epoch + 1}, iteration "
+                    f"{state.iteration - len(values) + k + 1}; training stopped before writing these "
+                    f"weights. Last good checkpoint: {last if last.is_file() else 'none yet'}. "
+                    "Lower train.lr or check the data."
+                )
+        return values
+
+    def means(self, state: TrainState, work_dir: Path) -> dict[str, float]:
+        """The interval's mean loss, accuracy (%), step time and data time (s); then a new interval."""
+        n = len(self.losses)
+        losses = self.check_finite(state, work_dir)
+        accuracy = float(torch.stack(self.accuracies).float().mean()) * 100
         now = time.perf_counter()
-        values["time"] = now - self.t_last
-        self.t_last = now
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
-
-    def means(self) -> dict[str, float]:
-        out = {k: v / self.n for k, v in self.sums.items()}
-        self.sums, self.n = {}, 0
+        out = {"loss": sum(losses) / n, "accuracy": accuracy, "time": (now - self.t_start) / n,
+               "data_time": self.data_time / n}  # fmt: skip
+        self.reset()
         return out
 
 
 def log_step(
-    log: RunLog, meter: Meter, state: TrainState, cfg: Config, epoch: int, iters: int, lr: float
+    log: RunLog,
+    meter: Meter,
+    state: TrainState,
+    cfg: Config,
+    epoch: int,
+    iters: int,
+    lr: float,
+    work_dir: Path,
 ) -> None:
     """Every ``train.log_interval`` iterations (and at the epoch's end): the interval's means."""
     it = state.iteration
     if it % cfg.train.log_interval and it != iters:
         return
-    m = meter.means()
+    m = meter.means(state, work_dir)
     log.record(mode="train", epoch=epoch + 1, iter=it, global_iter=epoch * iters + it, lr=lr, loss=m["loss"],
                accuracy=m["accuracy"], time=m["time"], data_time=m["data_time"])  # fmt: skip
     log.info(

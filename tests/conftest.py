@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from negmargin.config import Config
 from negmargin.datasets.demo import generate
-from negmargin.testing import tiny_raw, write_config  # noqa: F401  (re-exported for the tests)
+from negmargin.testing import tiny_raw
 from negmargin.train import run
 
-REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault(
     "NEGMARGIN_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "negmargin-test-cache")
 )
@@ -37,19 +34,6 @@ def tiny_cfg(tiny_root, tmp_path_factory):
         return Config.from_dict(tiny_raw(tiny_root, cache, **sections)).validate()
 
     return make
-
-
-def run_cli(args: list[str], cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
-    """Run a command line in a fresh Python process; returns CompletedProcess."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd or REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 import pytest
 
-from negmargin.config import Config, default_finetune_steps, dump_config, eval_steps, load_config
+from negmargin.config import Config, default_finetune_steps, dump_config, load_config
 from negmargin.errors import ConfigError
 
-from .conftest import REPO
+from .helpers import REPO
 
 SEED_DATASETS = ("cub", "mini_imagenet", "tiered_imagenet")
 # The 12 seed configs only; the omniglot and demo configs beside them are ours.
@@ -28,7 +28,7 @@ def test_the_twelve_seed_configs_exist_and_load():
         assert cfg.meta_test.n_episodes == 2000 and cfg.val.n_episodes == 100 and cfg.val.n_shot == 1
         shot = int(path.stem[-5])
         assert cfg.meta_test.n_shot == shot
-        assert eval_steps(cfg.meta_test) == (150 if shot == 1 else 600)
+        assert cfg.meta_test.resolved_steps == (150 if shot == 1 else 600)
         assert cfg.model.margin <= 0 and cfg.model.temperature == 10.0
 
 

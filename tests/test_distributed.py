@@ -13,7 +13,7 @@ import torch
 
 from negmargin.loader import EpochSampler
 
-from .conftest import REPO, run_cli, tiny_raw, write_config
+from .helpers import REPO, run_cli, tiny_raw, write_config
 
 pytestmark = pytest.mark.multiprocess  # starts other processes
 

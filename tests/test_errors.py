@@ -15,7 +15,7 @@ from negmargin.checkpoint import load_checkpoint
 from negmargin.errors import CheckpointError
 from negmargin.train import run
 
-from .conftest import REPO, run_cli, tiny_raw, write_config
+from .helpers import REPO, run_cli, tiny_raw, write_config
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,18 @@ CASES = [
         lambda t, r, c, k: [str(c), str(k), "--n-way", "0"],
         "'meta_test.n_way' must be a positive integer, got 0",
     ),
-    ("zero shot", "test", lambda t, r, c, k: [str(c), str(k), "--shots", "0"], "--shots must be positive"),
+    (
+        "zero shot",
+        "test",
+        lambda t, r, c, k: [str(c), str(k), "--shots", "0"],
+        "argument --shots: must be a positive integer, got 0",
+    ),
+    (
+        "zero steps",
+        "test",
+        lambda t, r, c, k: [str(c), str(k), "--steps", "0"],
+        "argument --steps: must be a positive integer, got 0",
+    ),
     (
         "positive margin",
         "train",
@@ -138,7 +149,10 @@ def test_bad_input_table(trained, capsys, name, command, args, expected):
     main = cli.train_main if command == "train" else cli.test_main
     if command == "test":
         argv += ["--work-dir", str(tmp / "test-wd")] if "--work-dir" not in argv else []
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's refusals (the same one-line error, exit 2)
+        code = exc.code
     err = capsys.readouterr().err.strip().splitlines()
     assert code != 0
     assert len(err) == 1 and err[0].startswith("error: "), err

@@ -17,7 +17,7 @@ from negmargin.finetune import (
     query_scores,
     step_positions,
 )
-from negmargin.meta_test import MetaTestResult, meta_test, paired_difference, run_episodes
+from negmargin.meta_test import MetaTestResult, paired_difference, run_episodes, run_meta_test
 from negmargin.testing import reference_episode
 
 
@@ -138,9 +138,11 @@ def test_meta_test_api_end_to_end():
     torch.manual_seed(0)
     labels = np.repeat(np.arange(8), 20)
     feats = torch.randn(len(labels), 64) * 0.5 + torch.randn(8, 64).repeat_interleave(20, 0)
-    res = meta_test(feats, labels, EvalConfig(n_episodes=30, n_query=10), FinetuneConfig(), progress=False)
+    res = run_meta_test(
+        feats, labels, EvalConfig(n_episodes=30, n_query=10), FinetuneConfig(), progress=False
+    )
     assert res.steps == 150 and len(res.accuracies) == 30 and res.mean > 80
-    five = meta_test(
+    five = run_meta_test(
         feats, labels, EvalConfig(n_episodes=30, n_query=10, n_shot=5), FinetuneConfig(), progress=False
     )
     assert five.steps == 600 and five.mean >= res.mean - 1

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .conftest import REPO, run_cli
+from .helpers import REPO, run_cli
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

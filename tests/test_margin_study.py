@@ -1,10 +1,18 @@
-"""bench/margin_study.py's report: paired differences against m = 0 and between seeds, from per-item scores."""
+"""The margin study's report (bench/study_report.py), in-process: paired differences against
+m = 0 and between seeds, from per-item scores; and the runner's command line without data."""
 
+import argparse
 import json
+import sys
 
 import numpy as np
+import pytest
 
-from tests.conftest import REPO, run_cli
+from .helpers import REPO, run_cli
+
+sys.path.insert(0, str(REPO / "bench"))
+from margin_study import STUDIES  # noqa: E402
+from study_report import write_report  # noqa: E402
 
 N_IMAGES, N_EPISODES = 300, 2000
 
@@ -45,9 +53,7 @@ def _run(out, head, margin, seed, items):
 
 def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
     rng = np.random.default_rng(0)
-    data_root, out = tmp_path / "mini", tmp_path / "out"
-    data_root.mkdir()
-    (data_root / "train.csv").write_text("filename,label\n")  # the study's marker: data present
+    out = tmp_path / "out"
     (out / "items").mkdir(parents=True)
     # Shared difficulty per episode / image, so paired differences are far tighter than the runs' CIs.
     difficulty = rng.normal(50, 15, N_EPISODES)
@@ -68,21 +74,10 @@ def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
         ("cosine", -0.05, 1): items(0.9, -0.05),
     }
     runs = [_run(out, head, m, seed, it) for (head, m, seed), it in scores.items()]
-    (out / "results.json").write_text(json.dumps({"runs": runs}))
-
-    done = run_cli(
-        [
-            str(REPO / "bench/margin_study.py"),
-            "mini_imagenet",
-            "--data-root",
-            str(data_root),
-            "--out",
-            str(out),
-            "--report-only",
-        ],
-    )
-    assert done.returncode == 0, done.stderr
+    args = argparse.Namespace(dataset="mini_imagenet", precision="bf16", tag="", cfg_options=[], combine=None)
+    rows = write_report(args, STUDIES["mini_imagenet"], out, runs)
     result = json.loads((out / "results.json").read_text())
+    assert result["rows"] == rows and result["runs"] == runs
 
     def delta(a, b, key):
         return float((scores[a][key] - scores[b][key]).mean())
@@ -111,12 +106,13 @@ def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
     assert f"**{mean:+.2f}** (sd {sd:.2f})" in md
     assert "| cosine T=10 m=0 | 1 − 0 |" in md
     # the commands that reproduce the runs, one per seed, the settings by their --list index
-    assert "mini_imagenet --data-root ../shared/data/mini_imagenet --only 0 1\n" in md
-    assert "mini_imagenet --data-root ../shared/data/mini_imagenet --seeds 1 --only 0 1\n" in md
+    assert "mini_imagenet --data-root DATA/mini_imagenet --only 0 1\n" in md
+    assert "mini_imagenet --data-root DATA/mini_imagenet --seeds 1 --only 0 1\n" in md
     noise = np.sqrt((d[0.0] ** 2 + d[-0.05] ** 2) / 2 / 2)
     assert f"novel 1-shot {noise:.2f}" in md
 
 
+@pytest.mark.multiprocess
 def test_study_skips_cleanly_without_its_data(tmp_path):
     done = run_cli(
         [
@@ -130,3 +126,10 @@ def test_study_skips_cleanly_without_its_data(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "skipping" in done.stdout and not (tmp_path / "out").exists()
+
+
+@pytest.mark.multiprocess
+def test_study_asks_for_its_data_root(tmp_path):
+    done = run_cli([str(REPO / "bench/margin_study.py"), "mini_imagenet", "--out", str(tmp_path / "out")],
+                   env={"NEGMARGIN_DATA": ""})  # fmt: skip
+    assert done.returncode == 2 and "--data-root" in done.stderr and not (tmp_path / "out").exists()

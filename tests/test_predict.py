@@ -5,16 +5,24 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from negmargin import cli
+from negmargin.checkpoint import load_checkpoint, save_checkpoint
+from negmargin.config import Config
+from negmargin.datasets import load_split
+from negmargin.features import extract_features
+from negmargin.model import load_trained_model
 from negmargin.predict import FewShotClassifier
+from negmargin.runtime import resolve
 
-from .conftest import write_config
+from .helpers import write_config
 
 
 def test_predicts_held_out_images_far_above_chance(model_and_images, capsys):
@@ -178,3 +186,35 @@ def test_embed_exports_features(model_and_images, tmp_path, capsys):
     assert data["features"].shape == (15, 256) and len(data["paths"]) == 15
     clf = FewShotClassifier.from_checkpoint(ckpt, device="cpu")
     assert np.allclose(clf.embed([data["paths"][0]]).numpy()[0], data["features"][0], atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_predict_embeds_exactly_as_the_meta_test(model_and_images, tmp_path, precision):
+    """One image → feature path: for one checkpoint and the same images, predict's features
+    are test.py's bit for bit, in the precision stored with the checkpoint."""
+    _, ckpt, raw = model_and_images
+    stored = load_checkpoint(ckpt)
+    stored["config"]["train"]["precision"] = precision  # as if trained in that precision
+    own = tmp_path / "ckpt.pth"
+    save_checkpoint(
+        own, {k: v for k, v in stored.items() if not k.startswith(("format", "negmargin_version"))}
+    )
+    cfg = Config.from_dict(
+        {**raw, "train": {**raw["train"], "precision": precision, "device": "cpu"}}
+    ).validate()
+
+    # test.py's path (evaluate.run_test): resolve, load, extract the test split's features
+    cfg, rt = resolve(cfg)
+    model, _ = load_trained_model(cfg, own, rt.device, channels_last=rt.channels_last)
+    test = load_split(cfg, "test", progress=False)
+    meta_test_feats = extract_features(model.backbone, test, cfg, rt, progress=False)
+
+    clf = FewShotClassifier.from_checkpoint(own, device="cpu")
+    assert clf.runtime.precision == precision
+    images = [test.image(i) for i in range(len(test))]  # the same pixels as the meta-test's
+    predict_feats = clf.embed(images)
+    assert predict_feats.dtype == torch.float32 and predict_feats.shape == meta_test_feats.shape
+    assert torch.equal(predict_feats, meta_test_feats.cpu())
+    if precision == "bf16":  # the precision is applied, not ignored
+        fp32 = FewShotClassifier(clf.backbone, clf.cfg, replace(clf.runtime, precision="fp32"))
+        assert not torch.equal(fp32.embed(images), predict_feats)

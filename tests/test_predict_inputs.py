@@ -20,7 +20,7 @@ from negmargin import cli
 from negmargin.errors import UserError
 from negmargin.predict import FewShotClassifier
 
-from .conftest import REPO, tiny_raw
+from .helpers import REPO, tiny_raw
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_train_and_test_refuse_an_absent_or_malformed_device(setup, capsys, tool
     t = setup
     config = t / "tiny.py"
     if not config.exists():
-        from .conftest import write_config
+        from .helpers import write_config
 
         write_config(config, tiny_raw(REPO, t / "cache"))
     args = [str(config)] + ([str(t / "wd/best_accuracy_mean.pth")] if tool == "test" else [])
@@ -353,7 +353,7 @@ def test_test_py_refuses_a_text_file_as_checkpoint_in_one_line(setup, capsys):
     t = setup
     config = t / "tiny-text.py"
     if not config.exists():
-        from .conftest import write_config
+        from .helpers import write_config
 
         write_config(config, tiny_raw(REPO, t / "cache"))
     code = cli.test_main([str(config), str(t / "text.pth"), "--work-dir", str(t / "wd-text"), "--quiet"])

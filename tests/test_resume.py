@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import REPO, run_cli, tiny_raw, write_config
+from .helpers import REPO, run_cli, tiny_raw, write_config
 
 pytestmark = pytest.mark.multiprocess  # starts other processes
 

@@ -17,7 +17,7 @@ from negmargin.errors import NonFiniteLossError
 from negmargin.runtime import resolve
 from negmargin.train import run
 
-from .conftest import REPO, run_cli, tiny_raw, write_config
+from .helpers import REPO, run_cli, tiny_raw, write_config
 
 
 def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, capsys):

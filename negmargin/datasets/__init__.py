@@ -7,6 +7,7 @@ split into a memory-mapped :class:`PackedSplit`, preparing the cache on first us
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -41,9 +42,14 @@ def read_source(cfg: Config, split: str) -> SplitSource:
         raise ConfigError(
             f"unknown dataset '{name}' (config key data.dataset); valid names: {', '.join(sorted(DATASETS))}"
         )
-    if split not in (*SPLITS, "train_holdout"):
-        raise ValueError(f"split must be one of {SPLITS} or train_holdout")
-    return DATASETS[name](cfg.data.root, split, **cfg.data.options)
+    reader = DATASETS[name]
+    # A reader with the option ``base_holdout=k`` (mini_imagenet, omniglot) holds k images of
+    # every base class out of ``train`` as a fourth split, ``train_holdout``, and checks it
+    # itself; every other reader has the protocol's three splits only.
+    holdout = ("train_holdout",) if "base_holdout" in inspect.signature(reader).parameters else ()
+    if split not in (*SPLITS, *holdout):
+        raise ValueError(f"split must be one of {(*SPLITS, *holdout)}, got {split!r}")
+    return reader(cfg.data.root, split, **cfg.data.options)
 
 
 def store_policy(cfg: Config, split: str) -> StorePolicy:

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
+from ..imageio import list_images
 
 SPLITS = ("train", "val", "test")
 
@@ -111,12 +112,3 @@ def class_images(
         paths += [str(f) for f in files]
         labels += [label] * len(files)
     return paths, np.array(labels, dtype=np.int64)
-
-
-def list_images(folder: Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (hidden files skipped)."""
-    from ..imageio import is_image_file
-
-    return sorted(
-        p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".") and is_image_file(p)
-    )

@@ -42,12 +42,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from ..errors import DataError
 from ..fileio import DiskFullError, atomic_write_text, check_free_space
 from ..imageio import read_image
 from ..resample import resize_array, resize_short_side
+from ..runlog import progress_bar
 from .base import SplitSource
 
 CACHE_VERSION = 1
@@ -271,13 +271,7 @@ def _write_images(source, policy, out_path, workers, progress):
     keep: list[int] = []
     bad: list[str] = []
     offset = 0
-    bar = tqdm(
-        total=n,
-        desc=f"prepare {source.dataset}/{source.split}",
-        unit="img",
-        disable=not progress,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(total=n, desc=f"prepare {source.dataset}/{source.split}", unit="img", enabled=progress)
     with open(out_path, "wb") as out:
 
         def consume(start: int, results: list[np.ndarray | str]) -> None:

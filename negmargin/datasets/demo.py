@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import DataError
 from ..fileio import atomic_write_text
+from ..runlog import progress_bar
+from .folder import read_folder
 
 N_CLASSES = 120
 N_IMAGES = 60
@@ -155,11 +158,9 @@ def generate(
         return root
     if sum(split_sizes) != n_classes:
         raise ValueError("split sizes must add up to the number of classes")
-    from tqdm import tqdm
-
     root.mkdir(parents=True, exist_ok=True)
     names = [f"class_{c:03d}" for c in range(n_classes)]
-    for c in tqdm(range(n_classes), desc="generate demo data", disable=not progress, unit="class"):
+    for c in progress_bar(range(n_classes), desc="generate demo data", enabled=progress, unit="class"):
         recipe = _recipe(np.random.default_rng([seed, c]))
         folder = root / names[c]
         folder.mkdir(exist_ok=True)
@@ -184,9 +185,6 @@ def read_demo(
 ):
     """Generate the demo data if needed (``data.options`` may shrink it), then read it as a
     folder dataset."""
-    from ..errors import DataError
-    from .folder import read_folder
-
     if sum(split_sizes) != n_classes or min(split_sizes) < 1:
         raise DataError(
             f"demo: data.options.split_sizes {split_sizes} must be positive and add up to "
