@@ -152,7 +152,8 @@ class TrainConfig:
     checkpoint_interval: int = 50  # epochs between epoch_N.pth files
     device: str = "auto"  # auto | cpu | cuda | cuda:N (resolved at run start)
     # Mixed precision. "fp32" is the reference; "bf16" autocasts the backbone.
-    # "auto" = bf16 on CUDA, fp32 on CPU (resolved at run start).
+    # "auto" = bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX, or ARM's
+    # BF16), fp32 elsewhere (resolved at run start; see negmargin.runtime).
     precision: Literal["auto", "fp32", "bf16"] = "fp32"
     # Channels-last: faster or equal for Conv4 and ResNet12 on CPUs in fp32 and bf16
     # (bench/train_speed.py), and the usual choice on GPUs. ("auto" in configs and
@@ -456,11 +457,14 @@ def _near_files(path: Path) -> str:
     return str(folder / near[0]) if near else ""
 
 
-def dump_config(cfg: Config, path: Path) -> None:
-    """Write the resolved config as a config file that loads back to the same run."""
+def dump_config(cfg: Config, path: Path, note: str = "") -> None:
+    """Write the resolved config as a config file that loads back to the same run;
+    ``note`` (e.g. the machine it resolved on) becomes a comment line."""
     from .fileio import atomic_write_text
 
     lines = [f"# Resolved config of run '{cfg.name}' (written by negmargin; loads as is).\n"]
+    if note:
+        lines.append(f"# {note}\n")
     for section, values in cfg.to_dict().items():
         lines.append(f"{section} = {pprint.pformat(values, sort_dicts=False, width=88)}\n")
     atomic_write_text(path, "".join(lines))

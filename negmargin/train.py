@@ -38,7 +38,7 @@ from .loader import TrainLoader
 from .meta_test import MetaTestResult, meta_test_episodes
 from .model import FewShotModel, build_model
 from .runlog import RunLog, progress_bar
-from .runtime import Runtime, main_first, resolve, seed_everything, start_run
+from .runtime import Runtime, machine_line, main_first, resolve, seed_everything, start_run
 from .schedule import lr_at
 
 
@@ -79,9 +79,9 @@ def run(
         train_split, cfg, per_process, rt.device, dist.rank(), dist.world_size(), rt.channels_last
     )
     if main:
-        dump_config(cfg, work_dir / f"{cfg.name}.py")
+        dump_config(cfg, work_dir / f"{cfg.name}.py", note=f"resolved on {machine_line(rt)}")
         log.info(
-            f"work dir {work_dir}; device {rt.device} × {dist.world_size()}; precision {rt.precision}; "
+            f"work dir {work_dir}; {machine_line(rt)}; {dist.world_size()} process(es); "
             f"channels_last {rt.channels_last}; {num_classes} head classes; "
             f"{len(loader)} iterations/epoch of {per_process} images per process; test resize "
             f"{cfg.data.test_resize}; fine-tune steps val {cfg.val.steps}, test {cfg.meta_test.steps} "

@@ -77,7 +77,7 @@ def test_two_process_training_writes_one_set_of_outputs(ddp_run):
     ]
     assert len(list(wd.glob("*.log"))) == 1 and len(list(wd.glob("*.log.json"))) == 1
     log = next(wd.glob("*.log")).read_text()
-    assert "device cpu × 2" in log and "8 images per process" in log  # batch 16 split over 2
+    assert "device cpu (" in log and "2 process(es)" in log and "8 images per process" in log  # 16 over 2
     assert done.stdout.count("best val accuracy_mean") == 1  # only rank 0 reports
     test = run_cli(
         [
