@@ -107,8 +107,8 @@ def summarise(label: str, wd: Path, n_rescore: int) -> dict:
     best = max(range(len(val)), key=lambda i: (val[i]["accuracy_mean"], -i)) if val else None
     out["best_val"] = {"epoch": val[best]["epoch"], "mean": val[best]["accuracy_mean"]} if val else None
     for shot in (1, 5):
-        path = wd / f"meta_test_test_5way-{shot}shot.json"
-        if path.is_file():
+        path = next(wd.glob(f"meta_test_test_5way-{shot}shot_best_accuracy_mean_*.json"), None)
+        if path is not None:
             r = json.loads(path.read_text())
             out[f"test_{shot}shot"] = {
                 "mean": r["accuracy_mean"],

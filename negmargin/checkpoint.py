@@ -4,8 +4,9 @@ A checkpoint is a plain dict (tensors, numbers, strings, lists, dicts), loaded
 with ``torch.load(..., weights_only=True)``, which refuses any pickled object
 that is not data — a file crafted to run code on load is rejected unread.
 
-Keys: ``format`` ("negmargin-checkpoint"), ``format_version``, ``negmargin_version``, then
-exactly :attr:`negmargin.train.TrainState.KEYS`: ``model`` (state dict: ``backbone.*``,
+Keys: ``format`` ("negmargin-checkpoint"), ``format_version``, ``negmargin_version``,
+``sha256`` (:func:`content_digest` of the rest, checked on load), then exactly
+:attr:`negmargin.train.TrainState.KEYS`: ``train_classes`` (the base classes by name), ``model`` (state dict: ``backbone.*``,
 ``head.weight``), ``config`` (the resolved config), ``epoch`` (epochs completed),
 ``iteration`` (iterations done in the next epoch; batches, augmentations and the learning
 rate are pure functions of (seed, epoch, iteration), so these two are the whole position),
@@ -21,6 +22,8 @@ are the reference's, so the mapping is the identity on ``backbone.*`` and
 
 from __future__ import annotations
 
+import hashlib
+import numbers
 import pickle
 import random
 import zipfile
@@ -77,7 +80,42 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
         "negmargin_version": __version__,
         **checkpoint,
     }
+    checkpoint["sha256"] = content_digest(checkpoint)
     atomic_save(path, lambda f: torch.save(checkpoint, f))
+
+
+def content_digest(obj: Any) -> str:
+    """sha256 over a checkpoint's content — every tensor's dtype, shape and bytes, every other
+    value's repr, in key order — so a file damaged on disk is detected on load (PyTorch's zip
+    format does not check its records), whatever part of it the damage hit."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, dict):
+            keys = sorted((k for k in x if k != "sha256"), key=repr)  # the checksum is not its own input
+            h.update(f"D{len(keys)}".encode())
+            for k in keys:
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        elif isinstance(x, (bool, np.bool_)):
+            h.update(repr(bool(x)).encode())
+        elif isinstance(x, numbers.Integral):  # NumPy scalars load back as Python numbers
+            h.update(repr(int(x)).encode())
+        elif isinstance(x, numbers.Real):
+            h.update(repr(float(x)).encode())
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
 
 
 def _read(path: Path) -> Any:
@@ -117,6 +155,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     raw = _read(path)
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
+        if "sha256" in raw and content_digest(raw) != raw["sha256"]:  # absent in earlier versions' files
+            raise CheckpointError(
+                f"checkpoint '{path}' is damaged: its content does not match the checksum written with it "
+                "(a disk or copy error); use another copy, or an earlier checkpoint of the run"
+            )
         if raw.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(
                 f"'{path}' was written by a newer negmargin "

@@ -22,12 +22,15 @@ from pathlib import Path
 import numpy as np
 
 from . import distributed as dist
+from . import pretrained
 from .config import Config, apply_override, load_config
 from .datasets import DATASETS, load_split
 from .errors import NonFiniteLossError, UserError
 from .evaluate import run_test
+from .features import embed
 from .fileio import atomic_save, atomic_write_text, probe_writable
-from .imageio import Skipped, collect_query_paths
+from .imageio import Skipped, collect_query_paths, read_support_folder
+from .meta_test import run_meta_test
 from .predict import FewShotClassifier, positive_int, probability
 from .train import run
 
@@ -137,12 +140,22 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--deterministic", action="store_true", help="deterministic algorithms (exact replays on CPU)"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in a work dir that holds a run (its checkpoints are deleted)",
+    )
     args = parser.parse_args(argv)
 
     def go() -> None:
         cfg = with_overrides(_load(args), args.seed, args.deterministic)
         summary = run(
-            cfg, work_dir_for(cfg, args.work_dir), args.resume_from, args.auto_resume, progress=not args.quiet
+            cfg,
+            work_dir_for(cfg, args.work_dir),
+            args.resume_from,
+            args.auto_resume,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
         )
 
         if summary.get("best_accuracy_mean") is not None and dist.is_main():
@@ -173,6 +186,11 @@ def test_main(argv: list[str] | None = None) -> int:
         "--steps", type=_checked(positive_int), help="fine-tune steps per episode (default 150 / 600)"
     )
     parser.add_argument("--episode-seed", type=int)
+    parser.add_argument(
+        "--test-dataset",
+        help="take the test classes from another dataset (cross-domain, e.g. cub for a miniImageNet model)",
+    )
+    parser.add_argument("--test-data-root", help="that dataset's folder (with --test-dataset)")
     parser.add_argument("--show-task-results", action="store_true", help="print every episode's accuracy")
     compat.add_argument(
         "--metrics", nargs="*", default=None, help="accuracy (mean and 95%% CI) is always reported"
@@ -188,6 +206,8 @@ def test_main(argv: list[str] | None = None) -> int:
             args.cfg_options.append(f"finetune.seed={args.seed}")
         cfg = _load(args)
         shots = [1, 5] if args.both_shots else args.shots
+        if bool(args.test_dataset) != bool(args.test_data_root):
+            raise UserError("--test-dataset and --test-data-root go together (the dataset and its folder)")
         run_test(
             cfg,
             args.checkpoint,
@@ -197,6 +217,7 @@ def test_main(argv: list[str] | None = None) -> int:
             args.show_task_results,
             progress=not args.quiet,
             steps=args.steps,
+            test_data=(args.test_dataset, args.test_data_root) if args.test_dataset else None,
         )
 
     return _guard(go)
@@ -247,7 +268,8 @@ def _demo(args: argparse.Namespace) -> None:
     cfg = load_config(config, list(args.cfg_options))
     work_dir = work_dir_for(cfg, args.work_dir)
     t0 = time.time()
-    summary = run(cfg, work_dir, progress=not args.quiet)
+    # A finished demo run is resumed (nothing left to train), so running the demo again re-tests it.
+    summary = run(cfg, work_dir, auto_resume=True, progress=not args.quiet)
     t_train = time.time() - t0
     results = run_test(cfg, work_dir / "best_accuracy_mean.pth", work_dir, [1, 5], progress=not args.quiet)
     total = time.time() - t0
@@ -264,13 +286,37 @@ def _log(args: argparse.Namespace) -> Callable[[str], None]:
     return (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
 
 
+def _classifier(args: argparse.Namespace) -> FewShotClassifier:
+    """The model a command names: --checkpoint FILE, --model NAME or --classifier FILE."""
+    if args.model:
+        return FewShotClassifier.from_pretrained(args.model, device=args.device)
+    if getattr(args, "classifier", None):
+        return FewShotClassifier.load(args.classifier, device=args.device)
+    return FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
+
+
 def _predict(args: argparse.Namespace) -> None:
     log = _log(args)
     if args.out:
         check_output_path(args.out)
+    if args.save_classifier:
+        check_output_path(args.save_classifier, "--save-classifier")
+    if not args.support and not args.classifier:
+        raise UserError(
+            "--support is needed (a folder with one sub-folder of images per class) unless --classifier"
+        )
     paths, skipped = collect_query_paths(args.query)  # before any work: a typo fails in a second
-    clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
-    clf.fit_folder(args.support, steps=args.steps, log=log)
+    clf = _classifier(args)
+    if args.support and args.classifier:  # more support for a kept classifier: refit, old images not re-read
+        support = read_support_folder(args.support)
+        clf.add(support.paths, support.labels, args.steps)
+        log(support.line())
+    elif args.support:
+        clf.fit_folder(args.support, steps=args.steps, log=log)
+    if args.save_classifier:
+        if args.unknown_below is not None:
+            clf.unknown_below = args.unknown_below
+        log(f"classifier saved to {clf.save(args.save_classifier)}")
     rows, bad = clf.predict_rows(
         paths,
         top_k=args.top_k,
@@ -289,7 +335,7 @@ def _predict(args: argparse.Namespace) -> None:
 def _embed(args: argparse.Namespace) -> None:
     check_output_path(args.out)
     paths, skipped = collect_query_paths(args.paths, what="image")
-    clf = FewShotClassifier.from_checkpoint(args.checkpoint, device=args.device, config=args.config)
+    clf = _classifier(args)
     feats, kept, bad = clf.embed_each(paths, args.batch_size, args.skip_bad_images, progress=not args.quiet)
     for report in (skipped.line("the folders"), bad.line("the images")):
         if report:
@@ -366,8 +412,33 @@ def write_predictions(
     log(f"wrote {len(rows)} predictions to {out}")
 
 
-def _inference_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
+def _models(args: argparse.Namespace) -> None:
+    print(pretrained.listing())
+
+
+def _meta_test(args: argparse.Namespace) -> None:
+    """A published model's few-shot accuracy on a dataset's test classes, by the benchmark's episodes."""
+    model = pretrained.published(args.model)
+    pretrained.check_benchmark(model, args.dataset)
+    clf = FewShotClassifier.from_pretrained(args.model, device=args.device)
+    cfg = replace(clf.cfg, data=replace(clf.cfg.data, dataset=args.dataset, root=args.data_root,
+                                        cache_dir=args.cache_dir))  # fmt: skip
+    packed = load_split(cfg, "test", progress=not args.quiet)
+    view = packed.image
+    feats, _ = embed(clf.backbone, len(packed), view, cfg, clf.runtime, cfg.finetune.feature_batch_size,
+                     progress=not args.quiet, desc="embed test images")  # fmt: skip
+    for n_shot in args.shots:
+        ev = replace(cfg.meta_test, n_shot=n_shot, n_episodes=args.n_episodes, steps=None)
+        r = run_meta_test(feats, packed.labels, ev, cfg.finetune, packed.class_names, progress=not args.quiet)
+        print(f"{args.model} on {args.dataset} test classes, {r.line()}")
+
+
+def _inference_options(p: argparse.ArgumentParser, classifier: bool = False) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="a checkpoint written by train.py")
+    which.add_argument("--model", help="a published model by name (negmargin models lists them)")
+    if classifier:
+        which.add_argument("--classifier", help="a classifier kept with --save-classifier")
     p.add_argument("--batch-size", type=_checked(positive_int), default=64, help="images per forward pass")
     p.add_argument(
         "--skip-bad-images",
@@ -408,12 +479,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true")
 
     p = sub.add_parser("predict", help="few-shot prediction on your own images")
-    _inference_options(p)
+    _inference_options(p, classifier=True)
     p.add_argument(
         "--support",
-        required=True,
-        help="folder with one sub-folder of labelled images per class (nested folders read)",
+        help="folder with one sub-folder of labelled images per class (nested folders read); "
+        "with --classifier: more support, added to the kept one",
     )
+    p.add_argument("--save-classifier", metavar="FILE", help="keep the fitted classifier in FILE")
     p.add_argument(
         "--query", required=True, nargs="+", help="image files or folders to classify (read recursively)"
     )
@@ -437,11 +509,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("paths", nargs="+", help="image files or folders (read recursively)")
     p.add_argument("--out", required=True, help="output .npz (arrays: features, paths)")
 
+    sub.add_parser("models", help="list the published models (--model NAME)")
+
+    p = sub.add_parser("meta-test", help="a published model's 5-way accuracy on a dataset's test classes")
+    p.add_argument("--model", required=True)
+    p.add_argument("--dataset", required=True, help=", ".join(sorted(DATASETS)))
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--shots", type=_checked(positive_int), nargs="+", default=[1, 5])
+    p.add_argument("--n-episodes", type=_checked(positive_int), default=2000)
+    p.add_argument("--cache-dir", help="where the decoded-image cache goes (default: beside the data)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("train", "test"):
         return (train_main if argv[0] == "train" else test_main)(argv[1:])
     args = parser.parse_args(argv)
-    handler = {"prepare": _prepare, "demo": _demo, "predict": _predict, "embed": _embed}[args.command]
+    handler = {"prepare": _prepare, "demo": _demo, "predict": _predict, "embed": _embed, "models": _models,
+               "meta-test": _meta_test}[args.command]  # fmt: skip
     return _guard(lambda: handler(args))
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import math
 import pprint
 import types
 import typing
@@ -31,6 +32,24 @@ IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
+def in_range(section: str, obj: Any, name: str, lo: float, hi: float = math.inf, *, open_lo: bool = False,
+             open_hi: bool = False) -> None:  # fmt: skip
+    """``obj.name`` (each value of it, for a tuple) within [lo, hi] — ``open_lo``/``open_hi``
+    exclude the bound; None passes — or a ConfigError naming the key and the range."""
+    value = getattr(obj, name)
+    for v in value if isinstance(value, (tuple, list)) else [value]:
+        if v is None:
+            continue
+        low_ok = v > lo if open_lo else v >= lo
+        high_ok = v < hi if open_hi else v <= hi
+        if not (low_ok and high_ok and math.isfinite(v)):
+            left, right = "(" if open_lo else "[", ")" if open_hi else "]"
+            top = "∞" if hi == math.inf else f"{hi:g}"
+            raise ConfigError(
+                f"config key '{section}.{name}' must be in {left}{lo:g}, {top}{right}, got {value!r}"
+            )
+
+
 def _positive(section: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -42,8 +61,8 @@ def _positive(section: str, obj: Any, *names: str) -> None:
 class DataConfig:
     """Where the images are and how they are stored and presented to the model."""
 
-    dataset: str = "demo"  # a key of negmargin.datasets.DATASETS
-    root: str = "data/demo"
+    dataset: str = ""  # a key of negmargin.datasets.DATASETS; a config must name one
+    root: str = ""  # the dataset's folder (--data-root)
     image_size: int = 84  # side of the square network input
     channels: int = 3  # 3 = RGB, 1 = grayscale
     mean: tuple[float, ...] = IMAGENET_MEAN  # per channel, on the 0-255 scale
@@ -73,6 +92,9 @@ class DataConfig:
             raise ConfigError(f"config key '{section}.std' must be positive")
         if self.prepare_workers < 0:
             raise ConfigError("worker counts (train.workers, data.prepare_workers) must be ≥ 0")
+        in_range(section, self, "train_store_size", 0)
+        in_range(section, self, "test_resize", 1)
+        in_range(section, self, "mean", 0, 255)
         if self.resolved_test_resize < self.image_size:
             raise ConfigError(
                 f"config key '{section}.test_resize' ({self.resolved_test_resize}) must be ≥ {section}.image_size "
@@ -107,6 +129,7 @@ class ModelConfig:
             )
         if self.num_classes is not None and self.num_classes <= 0:
             raise ConfigError(f"config key '{section}.num_classes' must be positive or None")
+        in_range(section, self, "margin", -1, 1)  # a cosine is in [-1, 1]: a larger margin is meaningless
         if self.temperature <= 0:
             raise ConfigError("temperatures (model.temperature, finetune.temperature) must be > 0")
 
@@ -133,6 +156,9 @@ class AugmentConfig:
         lo, hi = self.crop_ratio
         if not 0 < lo <= hi:
             raise ConfigError(f"config key '{section}.crop_ratio' must satisfy 0 < lo ≤ hi, got {lo, hi}")
+        in_range(section, self, "flip_prob", 0, 1)
+        for name in ("brightness", "contrast", "saturation"):
+            in_range(section, self, name, 0, 1)  # factors 1 ± U(0, value): beyond 1 a factor goes negative
 
 
 @dataclass(frozen=True)
@@ -176,6 +202,15 @@ class TrainConfig:
             raise ConfigError("worker counts (train.workers, data.prepare_workers) must be ≥ 0")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"config key '{section}.milestones' must be increasing, got {self.milestones}")
+        in_range(section, self, "milestones", 0)
+        in_range(section, self, "lr", 0, open_lo=True)
+        in_range(section, self, "momentum", 0, 1, open_hi=True)
+        in_range(section, self, "weight_decay", 0)
+        in_range(section, self, "gamma", 0, open_lo=True)
+        in_range(section, self, "warmup_iters", 0)
+        in_range(section, self, "warmup_ratio", 0, 1, open_lo=True)
+        in_range(section, self, "seed", 0, 2**32 - 1)  # NumPy's seed range
+        in_range(section, self, "max_iters_per_epoch", 1)
 
 
 @dataclass(frozen=True)
@@ -194,6 +229,7 @@ class EvalConfig:
         _positive(section, self, "n_way", "n_shot", "n_query", "n_episodes", "steps")
         if self.n_way < 2:
             raise ConfigError(f"config key '{section}.n_way' must be at least 2")
+        in_range(section, self, "episode_seed", 0, 2**32 - 1)
 
     @property
     def resolved_steps(self) -> int:
@@ -285,6 +321,8 @@ def default_finetune_steps(n_support: int) -> int:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a config file, apply ``key.sub=value`` overrides, validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config '{path}' is a folder; give a config file, e.g. {path}/<name>.py")
     if not path.is_file():
         near = _near_files(path)
         hint = f"; did you mean {near}?" if near else ""

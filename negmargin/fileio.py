@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import shutil
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -28,24 +32,41 @@ class DiskFullError(UserError):
     """Too little disk space to write an output."""
 
 
-def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
-    """Raise a clear error if ``folder``'s device cannot take ``need_bytes`` more."""
+def check_free_space(folder: Path, need_bytes: int, what: str, elsewhere: str = "another --work-dir") -> None:
+    """Raise a clear error if ``folder``'s device cannot take ``need_bytes`` more
+    (``elsewhere``: the setting that moves the output to another folder)."""
     free = shutil.disk_usage(folder).free
     if free < need_bytes + MIN_FREE_BYTES:
         raise DiskFullError(
             f"not enough disk space to write {what} in '{folder}': "
             f"{free / 2**20:.0f} MiB free, about {(need_bytes + MIN_FREE_BYTES) / 2**20:.0f} MiB "
-            "needed; free some space or choose another --work-dir"
+            f"needed; free some space or choose {elsewhere}"
         )
+
+
+class WriteError(UserError):
+    """An output could not be written (permissions, file-size limit, I/O error)."""
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary sibling of ``path``; on success fsync and rename it to ``path``."""
+    """Open a temporary sibling of ``path``; on success fsync and rename it to ``path``.
+
+    The file gets the permissions a plain ``open`` would give (0666 less the umask), not
+    the 0600 of a temporary file. A write that fails for any OS reason raises a one-line
+    error naming ``path``; the previous version of the file stays intact.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
@@ -56,10 +77,17 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         _discard(tmp)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
-                f"disk full while writing '{path}'; the previous version of the file is "
-                "intact; free some space and run again (training resumes with --auto-resume)"
+                f"disk full (or over quota) while writing '{path}'; the previous version of the file "
+                "is intact; free some space and run again (training resumes with --auto-resume)"
             ) from None
-        raise
+        if exc.errno == errno.EFBIG:
+            raise WriteError(
+                f"cannot write '{path}': the file is larger than this system or user allows "
+                "(ulimit -f / file-size limit); the previous version of the file is intact"
+            ) from None
+        raise WriteError(
+            f"cannot write '{path}': {exc.strerror or exc}; the previous version of the file is intact"
+        ) from None
     except BaseException:
         _discard(tmp)
         raise
@@ -116,3 +144,61 @@ def ensure_writable_dir(folder: str | Path, what: str = "work dir") -> Path:
             "folder with --work-dir"
         ) from None
     return folder
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def work_dir_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
+    """Keep a second process out of ``folder`` while the block runs (``folder/.lock``).
+
+    The lock file names the holder (pid, host, start time, command). A lock left by a
+    process that no longer runs on this host (killed with SIGKILL, say) is taken over.
+    """
+    if not enabled:
+        yield
+        return
+    lock = Path(folder) / ".lock"
+    me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)[:200]}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").strip().split(" ", 3) if lock.is_file() else []
+            pid = int(holder[0]) if holder and holder[0].isdigit() else -1
+            if len(holder) >= 3 and (holder[1] != socket.gethostname() or process_alive(pid)):
+                raise UserError(
+                    f"work dir '{folder}' is in use by process {pid} on {holder[1]} (started "
+                    f"{' '.join(holder[2:])[:80]}); wait for it to finish or choose another --work-dir"
+                ) from None
+            with contextlib.suppress(OSError):  # a dead process's lock: take it over
+                os.unlink(lock)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(me + "\n")
+        break
+    else:
+        raise UserError(f"cannot lock work dir '{folder}' ({lock}); remove the file if no run uses it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

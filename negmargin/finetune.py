@@ -70,6 +70,13 @@ class FinetuneConfig:
             raise ConfigError("temperatures (model.temperature, finetune.temperature) must be > 0")
         if self.lr <= 0:
             raise ConfigError("learning rates (train.lr, finetune.lr) must be > 0")
+        for name, lo, hi, open_hi in (("momentum", 0, 1, True), ("dampening", 0, 1, False),
+                                      ("weight_decay", 0, math.inf, False), ("seed", 0, 2**32 - 1, False)):  # fmt: skip
+            value = getattr(self, name)
+            if not (lo <= value and (value < hi if open_hi else value <= hi)):
+                raise ConfigError(
+                    f"config key '{section}.{name}' must be in [{lo}, {hi:g}{')' if open_hi else ']'}, got {value!r}"
+                )
 
 
 def episode_randomness(

@@ -26,13 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import content_digest, load_checkpoint
 from .config import Config, default_finetune_steps, load_config
 from .errors import CheckpointError, ConfigError, DataError, UserError
 from .features import embed
-from .finetune import FittedHeads, fit_heads
+from .fileio import atomic_save, file_sha256
+from .finetune import FittedHeads, HeadState, compute_grams, fit_heads
 from .imageio import ImageLike, Skipped, as_uint8, read_support_folder
 from .model import load_trained_model
+from .pretrained import Preprocessing, published
 from .runtime import Runtime, resolve
 
 UNKNOWN = "unknown"
@@ -61,12 +63,20 @@ def probability(name: str, value: Any) -> float:
 class FewShotClassifier:
     """A trained backbone plus a cosine head fine-tuned on a support set."""
 
-    def __init__(self, backbone: nn.Module, cfg: Config, runtime: Runtime) -> None:
+    def __init__(
+        self, backbone: nn.Module, cfg: Config, runtime: Runtime, source: str = "the backbone"
+    ) -> None:
         self.backbone = backbone.eval()
         self.cfg = cfg
         self.runtime = runtime
+        self.source = source  # how errors name the model (its checkpoint file)
         self.classes: list = []  # the labels given to fit(), in their own type, first-seen order
+        self.unknown_below: float | None = None  # the default open-set threshold of predict()
+        self.steps: int | None = None  # fine-tune steps of the last fit (None: the protocol's rule)
+        # What save() records to rebuild the backbone: a published name, a checkpoint, or a module.
+        self.reference: dict[str, Any] = {"kind": "module", "class": type(backbone).__qualname__}
         self._heads: FittedHeads | None = None
+        self._support: tuple[Tensor, Tensor] | None = None  # (n, D) features and (n,) class indices
 
     @property
     def device(self) -> torch.device:
@@ -96,7 +106,38 @@ class FewShotClassifier:
             )
         cfg, rt = resolve(replace(cfg, train=replace(cfg.train, device=device)))
         model, _ = load_trained_model(cfg, path, rt.device, ckpt, channels_last=rt.channels_last)
-        return cls(model.backbone, cfg, rt)
+        clf = cls(model.backbone, cfg, rt, source=f"checkpoint '{path}'")
+        clf.reference = {"kind": "checkpoint", "path": str(Path(path).resolve()), "sha256": file_sha256(path)}
+        return clf
+
+    @classmethod
+    def from_backbone(
+        cls,
+        backbone: nn.Module,
+        preprocessing: Preprocessing,
+        device: str = "auto",
+        precision: str = "fp32",
+    ) -> FewShotClassifier:
+        """Any ``nn.Module`` that maps a batch of images (B, C, H, W) to features (B, D), with
+        the preprocessing it expects; the Neg-Margin fine-tune runs on its features."""
+        if not isinstance(backbone, nn.Module):
+            raise UserError(f"backbone must be a torch.nn.Module, got {type(backbone).__name__}")
+        pre = preprocessing
+        data = {"image_size": pre.image_size, "test_resize": pre.resize, "mean": pre.mean, "std": pre.std,
+                "channels": pre.channels}  # fmt: skip
+        raw = {"data": data, "augment": {"interpolation": pre.interpolation},
+               "train": {"device": device, "precision": precision, "channels_last": "off"}}  # fmt: skip
+        cfg, rt = resolve(Config.from_dict(raw, source="the backbone's preprocessing").validate())
+        return cls(backbone.to(rt.device), cfg, rt, source=f"the backbone {type(backbone).__name__}")
+
+    @classmethod
+    def from_pretrained(cls, name: str, device: str = "auto") -> FewShotClassifier:
+        """A published model by name (``negmargin models`` lists them); nothing is downloaded."""
+        model = published(name)
+        backbone, pre = model.load()
+        clf = cls.from_backbone(backbone, pre, device)
+        clf.source, clf.reference = f"the model '{name}'", {"kind": "published", "name": name}
+        return clf
 
     # ------------------------------------------------------------------ features
     def embed_each(
@@ -133,6 +174,11 @@ class FewShotClassifier:
                 return None
 
         feats, kept = embed(self.backbone, len(images), view, self.cfg, self.runtime, batch_size, progress)
+        if not torch.isfinite(feats).all():
+            raise CheckpointError(
+                f"{self.source} gives non-finite features (damaged weights, or a training run that "
+                "diverged); no prediction is made"
+            )
         skipped = Skipped()
         for i in sorted(bad):
             skipped.add("unreadable image(s)", bad[i])
@@ -163,12 +209,36 @@ class FewShotClassifier:
         classes = list(dict.fromkeys(labels))
         if len(classes) < 2:
             raise UserError(f"few-shot prediction needs at least 2 classes in the support set, got {classes}")
+        feats = self.embed(images)
+        self.classes = []
+        return self.fit_features(feats, labels, steps)
+
+    def fit_features(self, feats: Tensor, labels: Sequence, steps: int | None = None) -> FewShotClassifier:
+        """Fit on support features (from :meth:`embed`) added to those already fitted, if any."""
+        classes = list(dict.fromkeys([*self.classes, *labels]))
+        if len(classes) < 2:
+            raise UserError(f"few-shot prediction needs at least 2 classes in the support set, got {classes}")
         index = {c: i for i, c in enumerate(classes)}
         y = torch.tensor([index[label] for label in labels])
-        feats = self.embed(images)
+        if self.classes and self._support is not None:
+            feats, y = torch.cat([self._support[0], feats]), torch.cat([self._support[1], y])
+        n = len(y)
+        steps = default_finetune_steps(n) if steps is None else positive_int("steps", steps)
         self._heads = fit_heads(feats[None], y[None], len(classes), [0], self.cfg.finetune, steps)
-        self.classes = classes
+        self.classes, self._support, self.steps = classes, (feats, y), steps
         return self
+
+    def add(
+        self, images: Sequence[ImageLike], labels: Sequence, steps: int | None = None
+    ) -> FewShotClassifier:
+        """More support images, of fitted classes or new ones: the head is refitted on the stored
+        support features plus these; the earlier images are not read again."""
+        if self._heads is None:
+            raise UserError("call fit() (or fit_folder()) before add()")
+        images, labels = list(images), list(labels)
+        if len(images) != len(labels):
+            raise UserError(f"add: {len(images)} images but {len(labels)} labels")
+        return self.fit_features(self.embed(images), labels, steps)
 
     def fit_folder(
         self, folder: str | Path, steps: int | None = None, log: Callable[[str], None] | None = None
@@ -224,7 +294,8 @@ class FewShotClassifier:
         To get labels and probabilities from one embedding, call :meth:`embed` once
         and then :meth:`proba_of` and :meth:`labels_of`.
         """
-        return self.labels_of(self.predict_proba(images), unknown_below, unknown_label)
+        threshold = self.unknown_below if unknown_below is None else unknown_below
+        return self.labels_of(self.predict_proba(images), threshold, unknown_label)
 
     def predict_rows(
         self,
@@ -239,7 +310,7 @@ class FewShotClassifier:
         top_k = positive_int("top_k", top_k)
         feats, kept, skipped = self.embed_each(list(paths), batch_size, skip_bad, progress)
         probs = self.proba_of(feats)
-        labels = self.labels_of(probs, unknown_below)
+        labels = self.labels_of(probs, self.unknown_below if unknown_below is None else unknown_below)
         k = min(top_k, len(self.classes))
         top_p, top_i = probs.topk(k, dim=-1)
         rows = []
@@ -255,3 +326,86 @@ class FewShotClassifier:
                 }
             )
         return rows, skipped
+
+    # ------------------------------------------------------------------ a fitted classifier, kept
+    def save(self, path: str | Path) -> Path:
+        """One file with everything the fitted classifier is: the backbone reference (a published
+        name, a checkpoint path with its sha256, or the module's class name), the transform, the
+        classes, the support features and the fine-tuned head, the unknown threshold. Plain data:
+        it loads with ``weights_only=True``, never running code."""
+        if self._heads is None or self._support is None:
+            raise UserError("call fit() before save(): there is no fitted classifier to keep")
+        for c in self.classes:
+            if not isinstance(c, (str, int, float, bool)):
+                raise UserError(f"save: class labels must be str, int, float or bool, got {type(c).__name__}")
+        h = self._heads
+        data = {
+            "format": CLASSIFIER_FORMAT,
+            "format_version": 1,
+            "reference": self.reference,
+            "config": self.cfg.to_dict(),
+            "classes": self.classes,
+            "support": self._support[0],
+            "support_labels": self._support[1],
+            "init": h.init[0],
+            "head": {"c": h.head.c[0], "A": h.head.A[0], "norm": h.head.norm[0]},
+            "normalized": h.normalized,
+            "steps": self.steps,
+            "unknown_below": self.unknown_below,
+        }
+        data["sha256"] = content_digest(data)
+        path = Path(path)
+        atomic_save(path, lambda f: torch.save(data, f))
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | Path, backbone: nn.Module | None = None, device: str = "auto"
+    ) -> FewShotClassifier:
+        """A classifier written by :meth:`save`. ``backbone``: the module, for one saved with a
+        backbone of your own (published models and checkpoints are found by themselves)."""
+        path = Path(path)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise UserError(f"classifier file '{path}' does not exist") from None
+        except Exception as exc:  # noqa: BLE001 — any unreadable file is the same one-line error
+            raise CheckpointError(f"'{path}' is not a readable classifier file: {str(exc)[:120]}") from None
+        if not isinstance(data, dict) or data.get("format") != CLASSIFIER_FORMAT:
+            raise CheckpointError(f"'{path}' is not a classifier file (written by FewShotClassifier.save)")
+        if content_digest(data) != data.get("sha256"):
+            raise CheckpointError(
+                f"classifier file '{path}' is damaged: its content does not match its checksum"
+            )
+        ref = data["reference"]
+        if ref["kind"] == "published":
+            clf = cls.from_pretrained(ref["name"], device)
+        elif ref["kind"] == "checkpoint":
+            ckpt = Path(ref["path"])
+            if not ckpt.is_file() or file_sha256(ckpt) != ref["sha256"]:
+                raise CheckpointError(
+                    f"classifier '{path}' was fitted on the checkpoint '{ckpt}' (sha256 {ref['sha256'][:12]}…), "
+                    "which is not there or has changed"
+                )
+            clf = cls.from_checkpoint(ckpt, device)
+        else:
+            if backbone is None:
+                raise UserError(
+                    f"classifier '{path}' was fitted on a backbone of your own ({ref.get('class')}); "
+                    "pass it: FewShotClassifier.load(path, backbone=module)"
+                )
+            cfg = Config.from_dict(data["config"], source=f"config stored in {path}").validate()
+            cfg, rt = resolve(replace(cfg, train=replace(cfg.train, device=device)))
+            clf = cls(backbone.to(rt.device), cfg, rt, source=f"the backbone {type(backbone).__name__}")
+        support, init, head = data["support"], data["init"], data["head"]
+        normalized = bool(data["normalized"])
+        clf._heads = FittedHeads(
+            support[None], init[None], compute_grams(support[None], init[None], None, normalized),
+            HeadState(head["c"][None], head["A"][None], head["norm"][None]), normalized,
+        )  # fmt: skip
+        clf.classes, clf._support = list(data["classes"]), (support, data["support_labels"])
+        clf.steps, clf.unknown_below = data["steps"], data["unknown_below"]
+        return clf
+
+
+CLASSIFIER_FORMAT = "negmargin-classifier"

@@ -31,9 +31,10 @@ from .checkpoint import load_checkpoint, load_model_weights, rng_state, save_che
 from .config import Config, dump_config
 from .datasets import PackedSplit, load_split
 from .episodes import sample_episodes
-from .errors import CheckpointError, ConfigError, NonFiniteLossError
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, UserError
 from .faults import kill_point
 from .features import extract_features
+from .fileio import work_dir_lock
 from .loader import TrainLoader
 from .meta_test import MetaTestResult, meta_test_episodes
 from .model import FewShotModel, build_model
@@ -48,10 +49,27 @@ def run(
     resume_from: str | Path | None = None,
     auto_resume: bool = False,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train, validate and checkpoint; returns a summary dict."""
+    """Train, validate and checkpoint; returns a summary dict.
+
+    A work dir that holds a run is resumed (``auto_resume``, ``resume_from``) or refused;
+    ``overwrite`` removes its checkpoints and starts over. One process at a time: a second
+    one started into the same work dir stops with a line naming the first.
+    """
     work_dir = Path(work_dir)
     log, show = start_run(cfg, work_dir, progress)
+    with work_dir_lock(work_dir, enabled=dist.is_main()):
+        resume_path = find_resume(work_dir, resume_from, auto_resume)
+        if resume_path is None:
+            claim_fresh(work_dir, overwrite, log)
+        return run_training(cfg, work_dir, log, show, resume_path)
+
+
+def run_training(
+    cfg: Config, work_dir: Path, log: RunLog, show: bool, resume_path: Path | None
+) -> dict[str, Any]:
+    """The run itself (see :func:`run`): data, model, the loop, validation, checkpoints."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     with main_first() as main:
         train_split = load_split(cfg, "train", progress=show, log=log.info)
@@ -70,8 +88,8 @@ def run(
         val_split.labels, cfg.val.n_way, cfg.val.n_shot, cfg.val.n_query, cfg.val.n_episodes,
         cfg.val.episode_seed, val_split.class_names, where="val split",
     )  # fmt: skip
-    state = TrainState(model, optimizer, episodes)
-    if resume_path := find_resume(work_dir, resume_from, auto_resume):
+    state = TrainState(model, optimizer, episodes, list(train_split.class_names))
+    if resume_path is not None:
         state.resume(resume_path, cfg)
         log.info(f"resumed from {resume_path} at epoch {state.epoch + 1}, iteration {state.iteration}")
     ddp = dist.wrap(model, rt.device)
@@ -169,6 +187,28 @@ def make_optimizer(cfg: Config, model: nn.Module) -> tuple[torch.optim.Optimizer
     return optimizer, per_process, base_lr
 
 
+RUN_FILES = ("latest.pth", "best_accuracy_mean.pth", "epoch_*.pth")
+
+
+def claim_fresh(work_dir: Path, overwrite: bool, log: RunLog) -> None:
+    """A new run may start only in a work dir without one's checkpoints (or with ``overwrite``)."""
+    found = sorted({p for pattern in RUN_FILES for p in work_dir.glob(pattern)})
+    dist.barrier()  # every rank has looked before any file goes
+    if not found:
+        return
+    if not overwrite:
+        raise UserError(
+            f"work dir '{work_dir}' already holds a run ({', '.join(p.name for p in found[:3])}); "
+            "add --auto-resume to continue it, --overwrite to start over (its checkpoints are "
+            "deleted), or choose another --work-dir"
+        )
+    if dist.is_main():
+        for p in found:
+            p.unlink()
+        log.info(f"--overwrite: removed {len(found)} checkpoint(s) of the earlier run in {work_dir}")
+    dist.barrier()
+
+
 def find_resume(work_dir: Path, resume_from: str | Path | None, auto_resume: bool) -> Path | None:
     if resume_from:
         return Path(resume_from)
@@ -192,19 +232,21 @@ class TrainState:
     model: FewShotModel
     optimizer: torch.optim.Optimizer
     val_episodes: Tensor  # (episodes, n_way, n_shot + n_query) indices, fixed for the run
+    train_classes: list[str]  # the base classes, by name: meta-testing refuses to test on them
     epoch: int = 0
     iteration: int = 0
     best: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    KEYS = ("model", "config", "epoch", "iteration", "best_score", "best_epoch", "optimizer", "rng",
-            "val_episodes", "history")  # fmt: skip
+    KEYS = ("model", "config", "train_classes", "epoch", "iteration", "best_score", "best_epoch",
+            "optimizer", "rng", "val_episodes", "history")  # fmt: skip
 
     def to_checkpoint(self, cfg: Config) -> dict[str, Any]:
         values = {
             "model": self.model.state_dict(),
             "config": cfg.to_dict(),  # the resolved config
+            "train_classes": self.train_classes,
             "epoch": self.epoch,
             "iteration": self.iteration,
             "best_score": self.best,
@@ -224,6 +266,13 @@ class TrainState:
     def resume(self, path: Path, cfg: Config) -> None:
         ckpt = load_checkpoint(path)
         check_resume_config(cfg, ckpt, path)
+        stored = ckpt.get("train_classes")  # absent in checkpoints of earlier versions
+        if stored is not None and list(stored) != self.train_classes:
+            changed = sorted(set(stored) ^ set(self.train_classes))
+            raise ConfigError(
+                f"cannot resume from '{path}': the train split's classes are not the ones it was trained "
+                f"on (differ: {', '.join(changed[:3]) or 'their order'}); restore the data or start a new run"
+            )
         load_model_weights(self.model, ckpt, path, cfg.model.backbone)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])

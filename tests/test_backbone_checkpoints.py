@@ -48,7 +48,7 @@ def round_trip(name, tiny_cfg, tmp_path):
 
     results = run_test(longer, work_dir / "latest.pth", work_dir, [1], progress=False)
     assert 0 <= results[0].mean <= 100
-    saved = json.loads((work_dir / "meta_test_test_5way-1shot.json").read_text())
+    saved = json.loads(next(work_dir.glob("meta_test_test_5way-1shot_latest_*.json")).read_text())
     assert saved["accuracy_mean"] == pytest.approx(results[0].mean)
 
     test = load_split(longer, "test", progress=False)

@@ -17,6 +17,7 @@ from negmargin.config import Config
 from negmargin.datasets import load_split, read_source
 from negmargin.datasets.cache import PackedSplit, StorePolicy, prepare
 from negmargin.datasets.cub import split_classes
+from negmargin.datasets.folder import split_by_fraction
 from negmargin.datasets.mini_imagenet import original_index
 from negmargin.datasets.omniglot import VAL_ALPHABETS
 from negmargin.errors import DataError
@@ -345,14 +346,15 @@ def test_folder_split_by_files_and_by_fraction(tmp_path):
     make_folder(root)
     cfg = cfg_for("folder", root, tmp_path, options={"split_fractions": (0.5, 0.25, 0.25), "split_seed": 1})
     names = {s: read_source(cfg, s).class_names for s in ("train", "val", "test")}
-    assert sum(len(v) for v in names.values()) == 6 and len(names["train"]) == 3
-    assert not set(names["train"]) & set(names["test"])
+    assert sorted(sum(names.values(), [])) == [f"cls{i}" for i in range(6)]  # each class in one split
     assert names == {s: read_source(cfg, s).class_names for s in ("train", "val", "test")}  # seeded
+    assert names == {"train": ["cls3", "cls4"], "val": ["cls0", "cls1", "cls2"], "test": ["cls5"]}
     for s, listed in (("train", "cls0\ncls1\ncls2"), ("val", "cls3"), ("test", "cls4\ncls5")):
         (root / f"{s}.txt").write_text(listed + "\n")
     cfg = cfg_for("folder", root, tmp_path)
     train = read_source(cfg, "train")
-    assert train.class_names == ["cls0", "cls1", "cls2"] and len(train) == 9  # notes.txt ignored
+    assert train.class_names == ["cls0", "cls1", "cls2"] and len(train) == 9  # notes.txt skipped, and said
+    assert "skipped in the class folders: 1 file(s) without an image extension" in train.layout
     (root / "test.txt").write_text("cls4\ncls0\n")
     with pytest.raises(DataError, match="'cls0' is in both the train and the test split"):
         read_source(cfg, "train")
@@ -471,3 +473,15 @@ def test_prepare_omniglot_reads_the_omniglot_config(tmp_path, capsys):
     assert "train: 18 images in" in out and "val: 30 images in" in out  # 5 alphabets × 2 × 3
     folder = next((tmp_path / "cache").glob("omniglot-train-*"))
     assert PackedSplit(folder).image(0).shape == (28, 28, 1)
+
+
+def test_fraction_split_never_moves_a_class_when_others_are_added_or_renamed():
+    names = [f"species_{i:03d}" for i in range(300)]
+    before = split_by_fraction(names, (0.6, 0.2, 0.2), 0)
+    assert 150 < len(before["train"]) < 210 and 35 < len(before["val"]) < 85  # the proportions, on average
+    after = split_by_fraction([*names[1:], "species_000_renamed", "new_species"], (0.6, 0.2, 0.2), 0)
+    for split in before:
+        moved = set(before[split]) - set(after[split]) - {"species_000"}
+        assert not moved, (split, moved)
+    with pytest.raises(DataError, match="split_seed must be an integer, got 'abc'"):
+        split_by_fraction(names, (0.6, 0.2, 0.2), "abc")

@@ -38,6 +38,15 @@ DATASETS: dict[str, Callable[..., SplitSource]] = {
 
 def read_source(cfg: Config, split: str) -> SplitSource:
     name = cfg.data.dataset
+    if not name:
+        raise ConfigError(
+            f"the config names no dataset: set data.dataset to one of {', '.join(sorted(DATASETS))} "
+            "(data.dataset='folder' for your own <root>/<class>/ images)"
+        )
+    if not cfg.data.root:
+        raise ConfigError(
+            f"the config names no folder for the {name} data: set data.root or pass --data-root"
+        )
     if name not in DATASETS:
         raise ConfigError(
             f"unknown dataset '{name}' (config key data.dataset); valid names: {', '.join(sorted(DATASETS))}"

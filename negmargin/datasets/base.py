@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..imageio import list_images
+from ..imageio import Skipped, list_images
 
 SPLITS = ("train", "val", "test")
 
@@ -97,16 +97,22 @@ def check_disjoint(splits: Mapping[str, Sequence[str]], what: str = "class") -> 
 
 
 def class_images(
-    folders: Sequence[Path], what: str, keep: Callable[[Path], bool] | None = None
+    folders: Sequence[Path],
+    what: str,
+    keep: Callable[[Path], bool] | None = None,
+    skipped: Skipped | None = None,
 ) -> tuple[list[str], np.ndarray]:
     """Image paths of each class folder in turn and their labels (folder index).
 
-    An empty folder is an error naming it (``what`` says what kind of folder).
+    A class's images are every image file under its folder, sub-folders included — the
+    rule of :func:`negmargin.imageio.list_images`, the same as for prediction; other files
+    are recorded in ``skipped``. An empty folder is an error naming it (``what`` says what
+    kind of folder).
     """
     paths: list[str] = []
     labels: list[int] = []
     for label, folder in enumerate(folders):
-        files = [f for f in list_images(folder) if keep is None or keep(f)]
+        files = [f for f in list_images(folder, recursive=True, skipped=skipped) if keep is None or keep(f)]
         if not files:
             raise DataError(f"{what} '{folder}' has no image files; add images or remove it")
         paths += [str(f) for f in files]

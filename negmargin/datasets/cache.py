@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import DataError
-from ..fileio import DiskFullError, atomic_write_text, check_free_space
+from ..fileio import DiskFullError, atomic_write_text, check_free_space, process_alive
 from ..imageio import read_image
 from ..resample import resize_array, resize_short_side
 from ..runlog import progress_bar
@@ -175,6 +175,15 @@ def is_current(folder: Path, source: SplitSource, policy: StorePolicy) -> bool:
     )
 
 
+def remove_dead_temporaries(folder: Path) -> None:
+    """Remove the half-written caches (``.<name>.tmp-PID``, ``.<name>.old-PID``) that a killed
+    preparation left beside ``folder``; a live process's own stay (it may still be writing)."""
+    for leftover in folder.parent.glob(f".{folder.name}.*-*"):
+        kind, _, pid = leftover.name.rpartition("-")
+        if kind.endswith((".tmp", ".old")) and pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def prepare(
     source: SplitSource,
     policy: StorePolicy,
@@ -200,7 +209,9 @@ def prepare(
         folder.parent,
         len(source) * side * side * policy.channels * 4 // 3,
         f"the image cache of {source.dataset}/{source.split}",
+        elsewhere="another cache folder with data.cache_dir",
     )
+    remove_dead_temporaries(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
+from ..imageio import Skipped
 from .base import SplitSource, class_images, listing_fingerprint, require_dir
 
 HOW = (
@@ -39,13 +40,16 @@ def read_cub(root: str | Path, split: str, **options) -> SplitSource:
             f"CUB image folder '{images}' has {len(all_classes)} class folders, expected 200. {HOW}"
         )
     classes = split_classes(all_classes, split)
-    paths, labels = class_images([images / name for name in classes], "CUB class folder")
+    skipped = Skipped()
+    paths, labels = class_images([images / name for name in classes], "CUB class folder", skipped=skipped)
+    report = skipped.line("the class folders")
     return SplitSource(
         dataset="cub",
         split=split,
         class_names=classes,
         labels=labels,
         items=paths,
-        layout=f"CUB-200-2011 images/<class>/*.jpg, Baseline++ split ({len(classes)} {split} classes)",
+        layout=f"CUB-200-2011 images/<class>/*.jpg, Baseline++ split ({len(classes)} {split} classes)"
+        + (f"; {report}" if report else ""),
         fingerprint=listing_fingerprint(paths, extra=f"cub/{split}"),
     )

@@ -17,6 +17,7 @@ Written as ``<root>/<class>/<i>.png`` plus ``train.txt``, ``val.txt``,
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -150,7 +151,12 @@ def generate(
     seed: int = 0,
     progress: bool = True,
 ) -> Path:
-    """Write the demo dataset under ``root`` (skipped if a complete copy is there)."""
+    """Write the demo dataset under ``root`` (skipped if a complete copy is there).
+
+    The demo writes only into a folder it made: a new or empty ``root``, or one that holds
+    its ``DEMO_VERSION`` stamp (written first, so a generation cut short is still its own).
+    Any other folder — a user's photos, say — is refused unchanged.
+    """
     root = Path(root)
     stamp = root / "DEMO_VERSION"
     version = f"{VERSION} {n_classes} {n_images} {split_sizes} {seed}"
@@ -158,7 +164,19 @@ def generate(
         return root
     if sum(split_sizes) != n_classes:
         raise ValueError("split sizes must add up to the number of classes")
+    if root.exists() and not stamp.is_file() and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(
+            f"'{root}' is not empty and was not made by the demo: the demo dataset writes its "
+            "generated pictures only into a new or empty folder; for your own images use "
+            "data.dataset='folder' (or another reader), or give the demo another data.root"
+        )
+    print(
+        f"demo data: generating {n_classes} classes × {n_images} synthetic pictures in '{root}' "
+        "(the built-in demo dataset, not real photos)",
+        file=sys.stderr,
+    )
     root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, f"generating {version}\n")
     names = [f"class_{c:03d}" for c in range(n_classes)]
     for c in progress_bar(range(n_classes), desc="generate demo data", enabled=progress, unit="class"):
         recipe = _recipe(np.random.default_rng([seed, c]))
@@ -192,4 +210,7 @@ def read_demo(
         )
     a, b, c = split_sizes
     generate(root, n_classes, n_images, (a, b, c), seed)
-    return replace(read_folder(root, split), dataset="demo")
+    source = read_folder(root, split)
+    return replace(
+        source, dataset="demo", layout=f"the built-in demo data (synthetic pictures): {source.layout}"
+    )

@@ -4,6 +4,10 @@
 #   tools/classification/dist_test.sh CONFIG CHECKPOINT GPUS [test.py options]
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on every node.
 set -euo pipefail
+if [ "$#" -lt 3 ]; then
+    echo "error: usage: $0 CONFIG CHECKPOINT GPUS [test.py options] (GPUS: the number of processes)" >&2
+    exit 2
+fi
 CONFIG=$1
 CHECKPOINT=$2
 GPUS=$3

