@@ -1,24 +1,26 @@
-"""Few-shot prediction on a user's own images.
+"""Few-shot prediction on a user's own images: the classifier.
 
     clf = FewShotClassifier.from_checkpoint("work_dir/.../best_accuracy_mean.pth")
+    clf = FewShotClassifier.from_pretrained("imagenet-effnet-lite0")  # or from_backbone(module, ...)
     clf.fit(support_images, labels)        # paths, PIL images or tensors; any shots per class
     clf.predict(query_images)              # class names
     clf.predict_proba(query_images)        # (N, K) probabilities
+    clf.save("birds.clf"); FewShotClassifier.load("birds.clf")
 
-Features come from the checkpoint's backbone with the test transform (resize the
-short side, centre crop, normalise) through :func:`negmargin.features.embed`, under
-the runtime (device, precision, memory format) that :func:`negmargin.runtime.resolve`
-derives from the checkpoint's config — the meta-test's path; a fresh cosine head is
-fine-tuned on the support set with the meta-test settings (``fit_heads``, one episode).
-The user's files are found by :mod:`negmargin.imageio`; the command's output is the CLI's. Steps: the protocol's 150 for 5 support images and
-600 for 25, and for other sizes 24 per support image clipped to [150, 600]
-(:func:`negmargin.config.default_finetune_steps`). Uneven shots are fine.
+Features come from the backbone with the test transform (resize the short side, centre
+crop, normalise) through :func:`negmargin.features.embed`, under the runtime (device,
+precision, memory format) that :func:`negmargin.runtime.resolve` derives from the config —
+the meta-test's path; a fresh cosine head is fine-tuned on the support set with the
+meta-test settings (``fit_heads``, one episode). Steps: the protocol's 150 for 5 support
+images and 600 for 25, and for other sizes 24 per support image clipped to [150, 600]
+(:func:`negmargin.config.default_finetune_steps`). Uneven shots are fine. The user's
+files are found by :mod:`negmargin.imageio`; the command's output is the CLI's.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from .fileio import atomic_save, file_sha256
 from .finetune import FittedHeads, HeadState, compute_grams, fit_heads
 from .imageio import ImageLike, Skipped, as_uint8, read_support_folder
 from .model import load_trained_model
-from .pretrained import Preprocessing, published
+from .pretrained import Preprocessing, published, transformers_backbone
 from .runtime import Runtime, resolve
 
 UNKNOWN = "unknown"
@@ -131,6 +133,18 @@ class FewShotClassifier:
         return cls(backbone.to(rt.device), cfg, rt, source=f"the backbone {type(backbone).__name__}")
 
     @classmethod
+    def from_transformers(
+        cls, folder: str | Path, preprocessing: Preprocessing | None = None, device: str = "auto"
+    ) -> FewShotClassifier:
+        """A Hugging Face vision model saved in a local folder (``save_pretrained``): its pooled
+        features, its preprocessing (``preprocessor_config.json``, or ``preprocessing``)."""
+        backbone, pre = transformers_backbone(folder, preprocessing)
+        clf = cls.from_backbone(backbone, pre, device)
+        clf.reference = {"kind": "transformers", "folder": str(Path(folder).resolve()),
+                         "preprocessing": asdict(pre)}  # fmt: skip
+        return clf
+
+    @classmethod
     def from_pretrained(cls, name: str, device: str = "auto") -> FewShotClassifier:
         """A published model by name (``negmargin models`` lists them); nothing is downloaded."""
         model = published(name)
@@ -214,7 +228,11 @@ class FewShotClassifier:
         return self.fit_features(feats, labels, steps)
 
     def fit_features(self, feats: Tensor, labels: Sequence, steps: int | None = None) -> FewShotClassifier:
-        """Fit on support features (from :meth:`embed`) added to those already fitted, if any."""
+        """Fit on (n, D) support features (from :meth:`embed`) and their n labels, added to those
+        already fitted, if any."""
+        labels = list(labels)
+        if len(feats) != len(labels):
+            raise UserError(f"{len(feats)} support features but {len(labels)} labels")
         classes = list(dict.fromkeys([*self.classes, *labels]))
         if len(classes) < 2:
             raise UserError(f"few-shot prediction needs at least 2 classes in the support set, got {classes}")
@@ -380,6 +398,10 @@ class FewShotClassifier:
         ref = data["reference"]
         if ref["kind"] == "published":
             clf = cls.from_pretrained(ref["name"], device)
+        elif ref["kind"] == "transformers":
+            pre = ref["preprocessing"]
+            pre = Preprocessing(**{**pre, "mean": tuple(pre["mean"]), "std": tuple(pre["std"])})
+            clf = cls.from_transformers(ref["folder"], pre, device)
         elif ref["kind"] == "checkpoint":
             ckpt = Path(ref["path"])
             if not ckpt.is_file() or file_sha256(ckpt) != ref["sha256"]:

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from torch import Tensor, nn
 
@@ -57,6 +59,57 @@ class PooledEfficientNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net.extract_features(x).mean((2, 3))  # type: ignore[operator]
+
+
+class TransformersBackbone(nn.Module):
+    """A Hugging Face vision model as a feature extractor: (B, C, H, W) → (B, D), its pooled
+    output where it has one, else the mean of its last hidden state over tokens or positions."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(pixel_values=x)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is not None:
+            return pooled.flatten(1)
+        hidden = out.last_hidden_state
+        return hidden.mean(1) if hidden.dim() == 3 else hidden.mean((2, 3))
+
+
+def transformers_backbone(
+    folder: str | Path, preprocessing: Preprocessing | None = None
+) -> tuple[nn.Module, Preprocessing]:
+    """A vision model saved with ``save_pretrained`` in a local folder (no network; safetensors
+    weights only, no code from the folder), and its preprocessing: ``preprocessing`` if given,
+    else the folder's ``preprocessor_config.json``."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"'{folder}' is not a saved transformers model (no config.json in it)")
+    try:
+        from transformers import AutoModel
+    except ImportError:
+        raise UserError("a transformers backbone needs the package: pip install transformers") from None
+    model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+    if preprocessing is None:
+        preprocessing = _preprocessing_of(folder)
+    return TransformersBackbone(model), preprocessing
+
+
+def _preprocessing_of(folder: Path) -> Preprocessing:
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        raise UserError(
+            f"'{folder}' has no preprocessor_config.json: pass the preprocessing (image size, mean, std)"
+        )
+    raw = json.loads(path.read_text())
+    size, crop = raw.get("size", 224), raw.get("crop_size")
+    side = (size.get("shortest_edge") or size.get("height") or 224) if isinstance(size, dict) else size
+    crop_side = (crop.get("height") if isinstance(crop, dict) else crop) or side
+    mean = tuple(255 * m for m in raw.get("image_mean", (0.485, 0.456, 0.406)))
+    std = tuple(255 * v for v in raw.get("image_std", (0.229, 0.224, 0.225)))
+    return Preprocessing(image_size=int(crop_side), resize=int(side), mean=mean, std=std)
 
 
 def _efficientnet_lite0() -> tuple[nn.Module, Preprocessing]:

@@ -175,3 +175,24 @@ def test_cross_domain_meta_test_on_another_datasets_classes(model_and_images, tm
     assert result["dataset"] == "folder" and result["n_episodes"] == 20
     assert cli.test_main(args[:-2]) == 2  # the dataset without its folder
     assert "--test-dataset and --test-data-root go together" in capsys.readouterr().err
+
+
+def test_a_transformers_model_from_a_local_folder(model_and_images, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tmp, _, _ = model_and_images
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1])
+    folder = tmp_path / "tiny-resnet"
+    transformers.ResNetModel(config).save_pretrained(folder)  # random weights: no download
+    pre = Preprocessing(image_size=32, resize=36)
+    clf = FewShotClassifier.from_transformers(folder, pre, device="cpu")
+    support, labels = images_of(tmp / "support")
+    queries, _ = images_of(tmp / "query")
+    assert clf.embed(support[:2]).shape == (2, 16)
+    clf.fit(support, labels)
+    kept = FewShotClassifier.load(clf.save(tmp_path / "hf.clf"))
+    assert torch.equal(kept.predict_proba(queries), clf.predict_proba(queries))
+    with pytest.raises(UserError, match="no preprocessor_config.json"):
+        FewShotClassifier.from_transformers(folder)
+    with pytest.raises(UserError, match="not a saved transformers model"):
+        FewShotClassifier.from_transformers(tmp_path)

@@ -1,7 +1,7 @@
 # The built-in demo: Neg-Margin with a Conv4 backbone on procedurally drawn pictures
 # (negmargin/datasets/demo.py: 120 classes, 72 base / 18 val / 30 novel, generated on first
 # use under data/demo). Small images (32 px) and a short schedule so that training and the
-# 1-shot + 5-shot meta-test take about 3 minutes on 2 CPU cores. Same method, head,
+# 1-shot + 5-shot meta-test take 1.5-3 minutes on 2 CPU cores. Same method, head,
 # augmentation and meta-test protocol as the benchmark configs.
 
 data = dict(dataset="demo", root="data/demo", image_size=32, train_store_size=0)
