@@ -1,10 +1,10 @@
 """The GPU check: everything CUDA-specific measured in one short run, one table, one JSON file.
 
-    python bench/gpu_check.py [--data-root ../shared/data/mini_imagenet] [--out gpu_check.json]
+    python bench/gpu_check.py [--data-root DATA/mini_imagenet] [--out gpu_check.json]
     python bench/gpu_check.py --smoke          # CPU, tiny sizes, seconds: what CI runs
 
-A GPU machine is lent to this project now and then, for minutes, so the check is
-prepared in advance and runs start to finish in at most ~8 minutes on one GPU:
+Every CUDA path is measured in one short run, start to finish in at most ~8 minutes on one
+GPU, so that a few minutes on a GPU machine are enough:
 
 1. **throughput** — Conv4 and ResNet12 at 84×84, batch 64, fp32 and bf16 (+
    channels-last): (1) the model alone on a batch in memory, (2) the project's full

@@ -45,7 +45,7 @@ def read_source(cfg: Config, split: str) -> SplitSource:
         )
     if not cfg.data.root:
         raise ConfigError(
-            f"the config names no folder for the {name} data: set data.root or pass --data-root"
+            f"the config names no folder for the {name} data: set data.root (--data-root; prepare: --root)"
         )
     if name not in DATASETS:
         raise ConfigError(
