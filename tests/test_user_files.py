@@ -25,7 +25,7 @@ from negmargin.config import Config
 from negmargin.datasets import read_source
 from negmargin.datasets.cache import remove_dead_temporaries
 from negmargin.datasets.demo import generate
-from negmargin.errors import CheckpointError, ConfigError, DataError, UserError
+from negmargin.errors import CheckpointError, ConfigError, DataError
 from negmargin.fileio import atomic_write_text
 from negmargin.predict import FewShotClassifier
 from negmargin.train import run
@@ -318,7 +318,3 @@ def test_outputs_respect_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "result.json").stat().st_mode) == 0o644
-
-
-def test_user_errors_are_user_errors():
-    assert issubclass(DataError, UserError) and issubclass(CheckpointError, UserError)
