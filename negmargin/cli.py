@@ -27,7 +27,7 @@ from .config import Config, apply_override, load_config
 from .datasets import DATASETS, load_split
 from .errors import NonFiniteLossError, UserError
 from .evaluate import run_test
-from .features import embed
+from .features import extract_features
 from .fileio import atomic_save, atomic_write_text, probe_writable
 from .imageio import Skipped, collect_query_paths, read_support_folder
 from .meta_test import run_meta_test
@@ -311,6 +311,8 @@ def _predict(args: argparse.Namespace) -> None:
         support = read_support_folder(args.support)
         clf.add(support.paths, support.labels, args.steps)
         log(support.line())
+        if report := support.skipped.line("the support folder"):
+            log(report)
     elif args.support:
         clf.fit_folder(args.support, steps=args.steps, log=log)
     if args.save_classifier:
@@ -424,9 +426,7 @@ def _meta_test(args: argparse.Namespace) -> None:
     cfg = replace(clf.cfg, data=replace(clf.cfg.data, dataset=args.dataset, root=args.data_root,
                                         cache_dir=args.cache_dir))  # fmt: skip
     packed = load_split(cfg, "test", progress=not args.quiet)
-    view = packed.image
-    feats, _ = embed(clf.backbone, len(packed), view, cfg, clf.runtime, cfg.finetune.feature_batch_size,
-                     progress=not args.quiet, desc="embed test images")  # fmt: skip
+    feats = extract_features(clf.backbone, packed, cfg, clf.runtime, not args.quiet, "embed test images")
     for n_shot in args.shots:
         ev = replace(cfg.meta_test, n_shot=n_shot, n_episodes=args.n_episodes, steps=None)
         r = run_meta_test(feats, packed.labels, ev, cfg.finetune, packed.class_names, progress=not args.quiet)

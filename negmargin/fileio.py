@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import os
@@ -48,8 +49,11 @@ class WriteError(UserError):
     """An output could not be written (permissions, file-size limit, I/O error)."""
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    """The process umask, read once: reading it means setting it, which must not race with
+    other threads creating files on every write."""
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
@@ -171,7 +175,7 @@ def work_dir_lock(folder: Path, enabled: bool = True) -> Iterator[None]:
     me = f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)[:200]}"
     for _ in range(2):
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)  # os.open applies the umask
         except FileExistsError:
             holder = lock.read_text(errors="replace").strip().split(" ", 3) if lock.is_file() else []
             pid = int(holder[0]) if holder and holder[0].isdigit() else -1
