@@ -50,15 +50,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from study_report import Setting, Study, ci95, markdown, matches, write_report  # noqa: E402
+from scoring import score_checkpoint, score_run  # noqa: E402
+from study_epochs import write_epochs  # noqa: E402
+from study_report import Setting, Study, markdown, matches, write_report  # noqa: E402
 
 from negmargin.config import Config, load_config  # noqa: E402
-from negmargin.datasets import load_split  # noqa: E402
-from negmargin.features import extract_features  # noqa: E402
 from negmargin.fileio import atomic_save  # noqa: E402
-from negmargin.meta_test import run_meta_test  # noqa: E402
-from negmargin.model import load_trained_model  # noqa: E402
-from negmargin.runtime import Runtime  # noqa: E402
+from negmargin.runtime import Runtime, resolve  # noqa: E402
 from negmargin.train import run  # noqa: E402
 
 CONFIGS = REPO / "configs/classification/neg_margin"
@@ -127,34 +125,36 @@ STUDIES = {
         base_task="64-way, 60 held-out images per class",
         title="miniImageNet (Ravi split, 84×84 release), Conv4, 10-epoch schedule",
     ),
+    # The paper's regime: the config's full 200-epoch schedule (docs/cub.md §3, decision rule
+    # there). No hold-out: the reproduction run of the config (T = 10, m = -0.01, seed 0) trained
+    # on every base image, and its twin must too; base accuracy is how well each model fits
+    # its training images (test transform, no margin), scored alike for every run, at every
+    # 25th epoch. That run joins the study by copying its work dir to
+    # <runs-dir>/cosine_T10_m-0.01_seed0 (a finished run is scored, not trained again).
+    "cub": Study(
+        config=CONFIGS / "cub/neg-margin_cosine_conv4_1xb64_cub_5way-1shot.py",
+        marker="images",
+        overrides=("train.checkpoint_interval=25",),
+        precision="fp32",
+        settings=(
+            Setting("cosine T=10 m=0", "cosine", 0.0, 10.0),
+            Setting("cosine T=10 m=-0.01 (the config)", "cosine", -0.01, 10.0),
+            Setting("cosine T=30 m=0", "cosine", 0.0, 30.0),
+            Setting("cosine T=30 m=-0.05", "cosine", -0.05, 30.0),
+        ),
+        base_task="100-way, the base training images (test transform)",
+        title="CUB-200-2011 (Baseline++ split, quality-75 JPEG copy), Conv4, full 200-epoch schedule",
+        base_split="train",
+        every_checkpoint=True,
+    ),
 }
 
 
-def evaluate(cfg: Config, checkpoint: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Base-class accuracy on held-out images and novel 5-way 1-/5-shot of one checkpoint.
-
-    Returns the summary and the per-item scores behind it: ``base_hits`` (n_images,)
-    0/100 per held-out image, ``novel_1shot``/``novel_5shot`` (2000,) per-episode
-    accuracy — the same images and episodes for every run, so two runs compare paired.
-    """
+def evaluate(cfg: Config, checkpoint: Path, study: Study) -> tuple[dict, dict[str, np.ndarray]]:
+    """Base-class and novel 5-way 1-/5-shot accuracy of one checkpoint (``scoring.score_checkpoint``)."""
     # fp32, contiguous inputs into the checkpoint's channels-last model: as the study always measured
     cpu = Runtime(torch.device("cpu"), "fp32", channels_last=False)
-    model, ckpt = load_trained_model(cfg, checkpoint, cpu.device)
-    holdout = load_split(cfg, "train_holdout", progress=False, log=lambda m: None)
-    feats = extract_features(model.backbone, holdout, cfg, cpu, progress=False)
-    with torch.no_grad():  # head rows beyond the base classes never had a label (mini's 100 rows)
-        pred = model.head.similarity(feats)[:, : holdout.num_classes].argmax(1).numpy()
-    hits = (pred == holdout.labels).astype(np.float32) * 100
-    out = {"epoch": ckpt.get("epoch"), "base_accuracy": float(hits.mean()), "base_ci95": ci95(hits)}
-    items = {"base_hits": hits}
-    test = load_split(cfg, "test", progress=False, log=lambda m: None)
-    test_feats = extract_features(model.backbone, test, cfg, cpu, progress=False)
-    for shot in (1, 5):
-        ev = replace(cfg.meta_test, n_shot=shot, steps=None)
-        r = run_meta_test(test_feats, test.labels, ev, cfg.finetune, test.class_names, progress=False)
-        out[f"novel_{shot}shot"] = {"mean": r.mean, "ci95": r.ci95}
-        items[f"novel_{shot}shot"] = r.accuracies.astype(np.float32)
-    return out, items
+    return score_checkpoint(cfg, checkpoint, cpu, study.base_split)
 
 
 def save_items(path: Path, best: dict[str, np.ndarray], final: dict[str, np.ndarray]) -> None:
@@ -198,16 +198,33 @@ def study_config(args, study: Study, setting: Setting, seed: int) -> Config:
     return replace(load_config(study.config, overrides), name=run_tag(setting, seed, args.tag))
 
 
-def evaluate_run(cfg: Config, wd: Path, items_path: Path) -> tuple[dict, dict]:
-    """Evaluate the best-val and the last checkpoint of a finished run; save their per-item scores."""
-    best, best_items = evaluate(cfg, wd / "best_accuracy_mean.pth")
+def evaluate_run(cfg: Config, wd: Path, study: Study, out: Path) -> tuple[dict, dict, list[dict]]:
+    """Evaluate the best-val and the last checkpoint of a finished run; save their per-item scores.
+
+    With ``study.every_checkpoint``, every saved checkpoint is scored (``scoring.score_run``:
+    ``checkpoints/<run>.json``, ``items/<run>_<checkpoint>.npz``) and the best and last are
+    taken from those scores; returns (best, final, every checkpoint's scores or []).
+    """
+    items_path = out / "items" / f"{cfg.name}.npz"
+    if study.every_checkpoint:
+        _, rt = resolve(cfg)
+        entries = score_run(
+            cfg, wd, out / "checkpoints" / f"{cfg.name}.json", out / "items", rt, study.base_split
+        )
+        best = next(e for e in entries if e["file"] == "best_accuracy_mean.pth")
+        final = next(e for e in entries if e["epoch"] == cfg.train.epochs and e["file"] != best["file"])
+        best_items, final_items = (dict(np.load(out / "items" / e["items"])) for e in (best, final))
+        save_items(items_path, best_items, final_items)
+        keep = ("file", "epoch", "base_accuracy", "base_ci95", "novel_1shot", "novel_5shot", "items")
+        return best, final, [{k: e[k] for k in keep} for e in entries if e["file"] != best["file"]]
+    best, best_items = evaluate(cfg, wd / "best_accuracy_mean.pth", study)
     # The best checkpoint is often the last epoch's: the same weights, evaluated once.
     if best["epoch"] == cfg.train.epochs:
         final, final_items = best, best_items
     else:
-        final, final_items = evaluate(cfg, wd / "latest.pth")
+        final, final_items = evaluate(cfg, wd / "latest.pth", study)
     save_items(items_path, best_items, final_items)
-    return best, final
+    return best, final, []
 
 
 def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path, out: Path) -> dict:
@@ -218,7 +235,7 @@ def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path, out
     t0 = time.time()
     summary = run(cfg, wd, auto_resume=True, progress=False)
     train_seconds = time.time() - t0
-    best, final = evaluate_run(cfg, wd, out / "items" / f"{tag}.npz")
+    best, final, checkpoints = evaluate_run(cfg, wd, study, out)
     result = {
         "head": setting.head,
         "margin": setting.margin,
@@ -240,6 +257,8 @@ def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path, out
         "epochs": cfg.train.epochs,
         "items": f"items/{tag}.npz",
     }
+    if checkpoints:
+        result["checkpoints"] = checkpoints  # every saved epoch's scores, items/<run>_epoch_<N>.npz
     n1, n5 = result["novel_1shot"], result["novel_5shot"]
     print(
         f"{tag}: best-val checkpoint (epoch {best['epoch']}): base {best['base_accuracy']:.2f}  "
@@ -249,6 +268,14 @@ def one_run(args, study: Study, setting: Setting, seed: int, runs_dir: Path, out
         flush=True,
     )
     return result
+
+
+def report(args, study: Study, out: Path, results: list[dict]) -> list[dict]:
+    """The study's report (``study_report``) and, where every checkpoint is scored, its epochs."""
+    rows = write_report(args, study, out, results)
+    if study.every_checkpoint:
+        write_epochs(study, out, results, f"_{args.tag}" if args.tag else "")
+    return rows
 
 
 def main() -> None:
@@ -285,7 +312,7 @@ def main() -> None:
     state = out / f"results{suffix}.json"
     results = json.loads(state.read_text())["runs"] if state.is_file() else []
     if args.report_only:
-        write_report(args, study, out, results)  # from the recorded runs: no data needed
+        report(args, study, out, results)  # from the recorded runs: no data needed
         return
     if not args.data_root and os.environ.get("NEGMARGIN_DATA"):
         args.data_root = str(Path(os.environ["NEGMARGIN_DATA"]) / args.dataset)
@@ -304,8 +331,8 @@ def main() -> None:
             if any(matches(r, setting) and r["seed"] == seed for r in results):
                 continue  # finished in an earlier session: its numbers are in results.json
             results.append(one_run(args, study, setting, seed, runs_dir, out))
-            write_report(args, study, out, results)  # the committed state after every run
-    rows = write_report(args, study, out, results)
+            report(args, study, out, results)  # the committed state after every run
+    rows = report(args, study, out, results)
     print(markdown(rows, study, []))
 
 

@@ -39,6 +39,12 @@ class Study:
     settings: tuple[Setting, ...]
     base_task: str
     title: str
+    # Base accuracy on images held out from training ("train_holdout", the study's overrides
+    # hold them out) or on the training images themselves ("train": how well the model fits).
+    base_split: str = "train_holdout"
+    # Score every saved checkpoint (``train.checkpoint_interval``), not only the best and last,
+    # in the config's runtime (as test.py): the margin's effect as training converges.
+    every_checkpoint: bool = False
 
 
 def view(r: dict, which: str) -> dict:

@@ -13,7 +13,9 @@ channels-last), in one run:
   (3) the usual pipeline: torch DataLoader with worker processes, each decoding
       the JPEG and applying the same augmentation per image with PIL → the same step.
 
-Prints images/s for each and the ratios (2)/(1) and (2)/(3). The machine is
+Prints images/s for each, the ratios (2)/(1) and (2)/(3), and the share of the machine's
+arithmetic bound that (1) and (2) reach (``bound.py``: FLOP per image counted, peak FLOP/s
+from the CPU's flags, cores and clock; printed in the header). The machine is
 shared and noisy: every number of a table comes from the same run; each rate
 is images over wall time of consecutive steps (waiting for data included) after
 warm-up steps.
@@ -37,6 +39,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bound import clock_ghz, cores, peak_flops, training_flops_per_image  # noqa: E402
 
 from negmargin.augment import sample_params  # noqa: E402
 from negmargin.config import Config  # noqa: E402
@@ -180,9 +185,13 @@ def main() -> None:
         f"torch {torch.__version__} on {device} ({model_name}; native bf16: {native_bf16(flags)}; "
         f"{torch.get_num_threads()} threads); {len(packed)} images: {what}; batch 64, 84×84"
     )
+    ghz = clock_ghz()
+    if device.type == "cpu" and ghz:
+        for prec in sorted({"bf16" if p.startswith("bf16") else "fp32" for p in args.precisions}):
+            print(f"bound, {prec}: {peak_flops(flags, prec, cores(), ghz)[1]}")
     print(
         f"{'backbone':<9} {'precision':<16} {'(1) model':>10} {'(2) ours':>10} {'(3) PIL+DL':>11} "
-        f"{'(2)/(1)':>8} {'(2)/(3)':>8}"
+        f"{'(2)/(1)':>8} {'(2)/(3)':>8} {'(1),(2) of bound':>17}"
     )
     for name in args.backbones:
         for precision in args.precisions:
@@ -227,8 +236,13 @@ def main() -> None:
             )
 
             r3 = timed_steps(step, dataloader_batches(dl, fmt), warm, steps)
+            share = ""
+            if device.type == "cpu" and ghz:
+                peak, _ = peak_flops(flags, "bf16" if bf16 else "fp32", cores(), ghz)
+                per_image = training_flops_per_image(model, 84, packed.num_classes)
+                share = f"{r1 * per_image / peak:>8.0%} {r2 * per_image / peak:>8.0%}"
             print(
-                f"{name:<9} {precision:<16} {r1:>8.1f}/s {r2:>8.1f}/s {r3:>9.1f}/s {r2 / r1:>8.2f} {r2 / r3:>8.2f}"
+                f"{name:<9} {precision:<16} {r1:>8.1f}/s {r2:>8.1f}/s {r3:>9.1f}/s {r2 / r1:>8.2f} {r2 / r3:>8.2f} {share}"
             )
             if args.compile and name == "conv4":
                 cmodel = build_model(run_cfg, packed.num_classes).to(device)

@@ -24,6 +24,7 @@ import numpy as np
 from . import distributed as dist
 from . import pretrained
 from .config import Config, apply_override, load_config
+from .curves import plot_curves, read_logs
 from .datasets import DATASETS, load_split
 from .errors import NonFiniteLossError, UserError
 from .evaluate import run_test
@@ -414,6 +415,19 @@ def write_predictions(
     log(f"wrote {len(rows)} predictions to {out}")
 
 
+def _plot(args: argparse.Namespace) -> None:
+    """Training curves of a run (its sittings' logs joined) as a png."""
+    curves = read_logs(args.logs)
+    first = Path(args.logs[0])
+    out = check_output_path(args.out or (first if first.is_dir() else first.parent) / "curves.png")
+    title = args.title if args.title is not None else (first.name if first.is_dir() else first.parent.name)
+    plot_curves(curves, out, title)
+    best = curves.best
+    where = f"best val {best[1]:.2f} at epoch {best[0]}" if best else "no validation logged yet"
+    last = f"epoch {curves.epoch_pos[-1]:.2f}" if curves.epoch_pos else "no training logged"
+    print(f"{len(curves.sources)} log(s), up to {last}; {where}; figure: {out}")
+
+
 def _models(args: argparse.Namespace) -> None:
     print(pretrained.listing())
 
@@ -511,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the published models (--model NAME)")
 
+    p = sub.add_parser("plot", help="training curves of a run (validation ± CI, loss, lr) as a png")
+    p.add_argument(
+        "logs", nargs="+", help="work dir(s) or .log.json files; a resumed run's sittings are joined"
+    )
+    p.add_argument("--out", help="png to write (default: curves.png in the first work dir)")
+    p.add_argument("--title", help="figure title (default: the work dir's name)")
+
     p = sub.add_parser("meta-test", help="a published model's 5-way accuracy on a dataset's test classes")
     p.add_argument("--model", required=True)
     p.add_argument("--dataset", required=True, help=", ".join(sorted(DATASETS)))
@@ -526,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         return (train_main if argv[0] == "train" else test_main)(argv[1:])
     args = parser.parse_args(argv)
     handler = {"prepare": _prepare, "demo": _demo, "predict": _predict, "embed": _embed, "models": _models,
-               "meta-test": _meta_test}[args.command]  # fmt: skip
+               "meta-test": _meta_test, "plot": _plot}[args.command]  # fmt: skip
     return _guard(lambda: handler(args))
 
 
