@@ -84,6 +84,11 @@ STUDIES = {
             Setting("cosine m=0", "cosine", 0.0),
             Setting(f"cosine m=+0.01 {POSITIVE}", "cosine", 0.01),
             BASELINE,
+            # Added for the full-schedule question (docs/cub.md §3): the margins that cost novel
+            # accuracy on the 10-epoch miniImageNet schedule, on a dataset whose models fit
+            # their base classes (run at T = 10 and, with --tag t30, at T = 30).
+            Setting("cosine m=-0.05", "cosine", -0.05),
+            Setting("cosine m=-0.1", "cosine", -0.1),
         ),
         base_task="964-way, held-out drawers",
         title="Omniglot (Lake split), Conv4 28×28",
