@@ -98,6 +98,19 @@ def machine_line(runtime: Runtime) -> str:
     return f"device {runtime.device} ({where}, {native} bf16); precision {runtime.precision}"
 
 
+def peak_memory_mib(device: torch.device) -> int:
+    """The run's memory high-water mark in MiB: peak CUDA memory allocated on a GPU (as mmcv
+    logs it), else this process's peak resident set (``ru_maxrss``: KiB on Linux, bytes on macOS)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device) / 2**20)
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak / 2**20 if sys.platform == "darwin" else peak / 2**10)
+
+
 def resolve(cfg: Config, num_classes: int | None = None) -> tuple[Config, Runtime]:
     """The config with every derived value explicit, and the runtime it describes.
 

@@ -39,7 +39,7 @@ from .loader import TrainLoader
 from .meta_test import MetaTestResult, meta_test_episodes
 from .model import FewShotModel, build_model
 from .runlog import RunLog, progress_bar
-from .runtime import Runtime, machine_line, main_first, resolve, seed_everything, start_run
+from .runtime import Runtime, machine_line, main_first, peak_memory_mib, resolve, seed_everything, start_run
 from .schedule import lr_at
 
 
@@ -123,7 +123,7 @@ def run_training(
                 kill_point(f"iter:{epoch * len(loader) + state.iteration + 1}")
                 state.iteration += 1
                 meter.add(loss.detach(), (sims.argmax(1) == labels).float().mean(), data_time)  # no sync
-                log_step(log, meter, state, cfg, epoch, len(loader), lr, work_dir)
+                log_step(log, meter, state, cfg, epoch, len(loader), lr, work_dir, rt.device)
                 if stop.requested(rt.device):
                     meter.check_finite(state, work_dir)  # before these weights are written
                     stop.exit(log, state, cfg, work_dir, f"epoch {epoch + 1}, iteration {state.iteration}")
@@ -381,17 +381,20 @@ def log_step(
     iters: int,
     lr: float,
     work_dir: Path,
+    device: torch.device,
 ) -> None:
-    """Every ``train.log_interval`` iterations (and at the epoch's end): the interval's means."""
+    """Every ``train.log_interval`` iterations (and at the epoch's end): the interval's means and
+    the memory high-water mark in MiB (:func:`peak_memory_mib`; ``memory``, as mmcv's logs)."""
     it = state.iteration
     if it % cfg.train.log_interval and it != iters:
         return
     m = meter.means(state, work_dir)
+    memory = peak_memory_mib(device)
     log.record(mode="train", epoch=epoch + 1, iter=it, global_iter=epoch * iters + it, lr=lr, loss=m["loss"],
-               accuracy=m["accuracy"], time=m["time"], data_time=m["data_time"])  # fmt: skip
+               accuracy=m["accuracy"], time=m["time"], data_time=m["data_time"], memory=memory)  # fmt: skip
     log.info(
         f"Epoch [{epoch + 1}][{it}/{iters}]  lr: {lr:.4e}, time: {m['time']:.3f}, data_time: "
-        f"{m['data_time']:.3f}, loss: {m['loss']:.4f}, accuracy: {m['accuracy']:.2f}"
+        f"{m['data_time']:.3f}, memory: {memory}, loss: {m['loss']:.4f}, accuracy: {m['accuracy']:.2f}"
     )
 
 

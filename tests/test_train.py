@@ -33,7 +33,9 @@ def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, caps
     records = [json.loads(line) for line in next(wd.glob("*.log.json")).read_text().splitlines()]
     train_rec = [r for r in records if r["mode"] == "train"]
     val_rec = [r for r in records if r["mode"] == "val"]
-    assert {"epoch", "iter", "lr", "loss", "accuracy", "time", "data_time"} <= set(train_rec[0])
+    assert {"epoch", "iter", "lr", "loss", "accuracy", "time", "data_time", "memory"} <= set(train_rec[0])
+    # peak resident memory in MiB: a training process holds at least torch itself (> 100 MiB)
+    assert all(100 < r["memory"] < 64 * 2**10 for r in train_rec)
     assert [r["epoch"] for r in val_rec] == [1, 2] and all(0 <= r["accuracy_mean"] <= 100 for r in val_rec)
     assert all(math.isfinite(r["loss"]) for r in train_rec)
     assert "Epoch(val) [2]" in next(wd.glob("*.log")).read_text()
