@@ -316,6 +316,14 @@ def main() -> None:
     suffix = f"_{args.tag}" if args.tag else ""
     state = out / f"results{suffix}.json"
     results = json.loads(state.read_text())["runs"] if state.is_file() else []
+    # Runs recorded before the temperature was stored with every run ran at their setting's, or
+    # else the config's (with this results file's --cfg-options): say so, so that new runs pair
+    # with them.
+    config_temperature = load_config(study.config, args.cfg_options).model.temperature
+    for r in results:
+        if r.get("temperature") is None:
+            fixed = [s.temperature for s in study.settings if (s.head, s.margin) == (r["head"], r["margin"])]
+            r["temperature"] = fixed[0] if fixed and fixed[0] is not None else config_temperature
     if args.report_only:
         report(args, study, out, results)  # from the recorded runs: no data needed
         return
