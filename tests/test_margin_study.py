@@ -133,3 +133,31 @@ def test_study_asks_for_its_data_root(tmp_path):
     done = run_cli([str(REPO / "bench/margin_study.py"), "mini_imagenet", "--out", str(tmp_path / "out")],
                    env={"NEGMARGIN_DATA": ""})  # fmt: skip
     assert done.returncode == 2 and "--data-root" in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_runs_recorded_without_a_temperature_pair_with_new_ones(tmp_path, monkeypatch):
+    """Earlier Omniglot runs stored no temperature; a new run stores the config's 10.0. On load
+    they get their setting's (the softmax Baseline's T = 1) or the config's, and the report works."""
+    import margin_study
+
+    rng = np.random.default_rng(1)
+    out = tmp_path / "out"
+    (out / "items").mkdir(parents=True)
+    difficulty = rng.normal(50, 15, N_EPISODES)
+    items = {"base_hits": 100.0 * (rng.uniform(size=N_IMAGES) < 0.8), "novel_5shot": difficulty + 15}
+    runs = []
+    for head, margin, temperature, offset in (
+        ("cosine", 0.0, None, 0),
+        ("softmax", 0.0, None, 3),
+        ("cosine", -0.05, 10.0, 1),
+    ):
+        run = _run(out, head, margin, 0, items | {"novel_1shot": difficulty + offset})
+        runs.append(run | {"temperature": temperature})
+    (out / "results.json").write_text(json.dumps({"runs": runs}))
+    monkeypatch.setattr(sys, "argv", ["margin_study.py", "omniglot", "--report-only", "--out", str(out)])
+    margin_study.main()
+    result = json.loads((out / "results.json").read_text())
+    assert [r["temperature"] for r in result["runs"]] == [10.0, 1.0, 10.0]
+    pairs = {p["head"] + str(p["margin"]): p for p in result["paired"]}
+    assert pairs["cosine-0.05"]["final_novel_1shot_delta"] == pytest.approx(1.0)
+    assert pairs["softmax0.0"]["final_novel_1shot_delta"] == pytest.approx(3.0)
