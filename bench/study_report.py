@@ -257,6 +257,71 @@ def seeds_markdown(rows: list[dict], settings: tuple[Setting, ...]) -> list[str]
     return lines
 
 
+# The decision rule of the studies (docs/cub.md §3, docs/omniglot.md): a margin's effect on
+# novel 1-shot accuracy, from each seed's Δ against m = 0 of that seed and temperature.
+THRESHOLD = 0.5
+
+
+def verdict(deltas: list[float], base_deltas: list[float]) -> str:
+    """``gain`` (mean ≥ +0.5, every seed positive, base accuracy not higher than m = 0's), ``cost``
+    (mean ≤ −0.5, every seed negative), or "no effect larger than X" with X = 2 × the sd of the
+    seeds' Δs (at least 0.5); one seed is labelled so."""
+    d = np.array(deltas)
+    one = " (one seed)" if len(d) == 1 else ""
+    if d.mean() >= THRESHOLD and (d > 0).all():
+        if np.mean(base_deltas) > 0:
+            return f"gain on novel, but base accuracy higher too{one}"
+        return f"gain{one}"
+    if d.mean() <= -THRESHOLD and (d < 0).all():
+        return f"cost{one}"
+    spread = 2 * d.std(ddof=1) if len(d) > 1 else 0.0
+    return f"no effect larger than {max(THRESHOLD, spread):.2f}{one}"
+
+
+def seed_verdicts(results: list[dict]) -> list[dict]:
+    """Per cosine setting with m ≠ 0: each seed's last-epoch Δ novel 1-shot and Δ base accuracy
+    against cosine m = 0 of its seed and temperature (differences of the runs' means, so runs
+    without per-item scores count too), their mean and sd, and the :func:`verdict`."""
+    zeros = {(r["seed"], r.get("temperature"), r.get("tag")): r for r in results
+             if r["head"] == "cosine" and r["margin"] == 0}  # fmt: skip
+    groups: dict[tuple, list[tuple[float, float]]] = {}
+    for r in results:
+        z = zeros.get((r["seed"], r.get("temperature"), r.get("tag")))
+        if r["head"] != "cosine" or r["margin"] == 0 or z is None:
+            continue
+        d = r["final"]["novel_1shot"]["mean"] - z["final"]["novel_1shot"]["mean"]
+        b = r["final"]["base_accuracy"] - z["final"]["base_accuracy"]
+        groups.setdefault((r.get("temperature"), r["margin"]), []).append((d, b))
+    rows = []
+    for (temperature, margin), pairs in sorted(groups.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
+        ds, bs = [p[0] for p in pairs], [p[1] for p in pairs]
+        rows.append({"temperature": temperature, "margin": margin, "novel_1shot_deltas": ds, "base_deltas": bs,
+                     "mean": float(np.mean(ds)), "sd": float(np.std(ds, ddof=1)) if len(ds) > 1 else None,
+                     "verdict": verdict(ds, bs)})  # fmt: skip
+    return rows
+
+
+def verdicts_markdown(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = [
+        "**The decision rule** (last epoch; each seed's run minus cosine m = 0 of the same seed and "
+        "temperature, differences of means): a *gain* if the mean Δ novel 1-shot is ≥ +0.5 with every "
+        "seed positive and base accuracy not higher, a *cost* if ≤ −0.5 with every seed negative, "
+        "otherwise no effect larger than 2 × the seeds' sd (at least 0.5).",
+        "",
+        "| T | m | Δ novel 1-shot per seed | mean (sd) | Δ base per seed | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
+    for v in rows:
+        sd = f" (sd {v['sd']:.2f})" if v["sd"] is not None else ""
+        per = ", ".join(f"{d:+.2f}" for d in v["novel_1shot_deltas"])
+        base = ", ".join(f"{d:+.2f}" for d in v["base_deltas"])
+        t = f"{v['temperature']:g}" if v["temperature"] is not None else "config"
+        lines.append(f"| {t} | {v['margin']:g} | {per} | {v['mean']:+.2f}{sd} | {base} | {v['verdict']} |")
+    return lines + [""]
+
+
 def _cell(row: dict, key: str) -> str:
     text = f"{row[key]:.2f}"
     if f"{key}_ci95" in row:
@@ -272,6 +337,7 @@ def markdown(
     commands: list[str],
     pairs: list[dict] | None = None,
     seed_pairs: list[dict] | None = None,
+    verdicts: list[dict] | None = None,
 ) -> str:
     lines = []
     for which, title in (
@@ -304,6 +370,7 @@ def markdown(
         "",
         *paired_markdown(pairs or [], study.settings),
         *seeds_markdown(seed_pairs or [], study.settings),
+        *verdicts_markdown(verdicts or []),
     ]
     if commands:
         lines += [
@@ -503,12 +570,18 @@ def write_report(args, study: Study, out: Path, results: list[dict]) -> list[dic
     rows = aggregate(results, study.settings)
     commands = study_commands(args, study, results)
     suffix = f"_{args.tag}" if args.tag else ""
-    pairs, seed_pairs = paired(results, out), between_seeds(results, out)
+    pairs, seed_pairs, verdicts = paired(results, out), between_seeds(results, out), seed_verdicts(results)
+    state = {
+        "rows": rows,
+        "paired": pairs,
+        "between_seeds": seed_pairs,
+        "verdicts": verdicts,
+        "runs": results,
+    }
+    atomic_write_text(out / f"results{suffix}.json", json.dumps(state, indent=1))
     atomic_write_text(
-        out / f"results{suffix}.json",
-        json.dumps({"rows": rows, "paired": pairs, "between_seeds": seed_pairs, "runs": results}, indent=1),
+        out / f"results{suffix}.md", markdown(rows, study, commands, pairs, seed_pairs, verdicts)
     )
-    atomic_write_text(out / f"results{suffix}.md", markdown(rows, study, commands, pairs, seed_pairs))
     plot(by_temperature(rows), study, out / f"margin{suffix}.png")
     plot_paired(pairs, study, out / f"paired{suffix}.png")
     if args.combine:

@@ -161,3 +161,45 @@ def test_runs_recorded_without_a_temperature_pair_with_new_ones(tmp_path, monkey
     pairs = {p["head"] + str(p["margin"]): p for p in result["paired"]}
     assert pairs["cosine-0.05"]["final_novel_1shot_delta"] == pytest.approx(1.0)
     assert pairs["softmax0.0"]["final_novel_1shot_delta"] == pytest.approx(3.0)
+
+
+@pytest.mark.parametrize(
+    "deltas, base, want",
+    [
+        ([0.6, 0.9, 0.7], [-0.5, -0.2, -0.4], "gain"),
+        ([0.6, 0.9, 0.7], [0.5, 0.2, 0.4], "gain on novel, but base accuracy higher too"),
+        ([-0.6, -0.9, -0.7], [0, 0, 0], "cost"),
+        ([0.9, 0.8, -0.1], [0, 0, 0], "no effect larger than 1.10"),  # a seed against: 2 × sd 0.551
+        ([0.2, 0.1, 0.3], [0, 0, 0], "no effect larger than 0.50"),  # tight but small: the floor
+        ([-0.8], [0.0], "cost (one seed)"),
+    ],
+)
+def test_the_decision_rule(deltas, base, want):
+    from study_report import verdict
+
+    assert verdict(deltas, base) == want
+
+
+def test_verdicts_pair_runs_with_m0_of_their_seed_and_temperature():
+    from study_report import seed_verdicts
+
+    def run(margin, seed, temperature, novel, base):
+        view = {"novel_1shot": {"mean": novel}, "base_accuracy": base}
+        return {
+            "head": "cosine",
+            "margin": margin,
+            "seed": seed,
+            "temperature": temperature,
+            "tag": "",
+            "final": view,
+        }
+
+    results = [run(0.0, 0, 10.0, 90.0, 80.0), run(0.0, 1, 10.0, 91.0, 81.0), run(0.0, 0, 30.0, 95.0, 85.0),
+               run(-0.05, 0, 10.0, 91.0, 79.0), run(-0.05, 1, 10.0, 91.8, 80.0), run(-0.05, 0, 30.0, 94.0, 84.0),
+               {"head": "softmax", "margin": 0.0, "seed": 0, "temperature": 1.0, "tag": "", "final": {}}]  # fmt: skip
+    rows = {(v["temperature"], v["margin"]): v for v in seed_verdicts(results)}
+    assert set(rows) == {(10.0, -0.05), (30.0, -0.05)}
+    assert rows[10.0, -0.05]["novel_1shot_deltas"] == pytest.approx([1.0, 0.8])
+    assert rows[10.0, -0.05]["base_deltas"] == pytest.approx([-1.0, -1.0])
+    assert rows[10.0, -0.05]["verdict"] == "gain"
+    assert rows[30.0, -0.05]["verdict"] == "cost (one seed)"
