@@ -41,7 +41,8 @@ class Curves:
 
 
 def log_files(paths: list[str | Path]) -> list[Path]:
-    """The ``*.log.json`` files of ``paths`` (files, or work dirs searched non-recursively)."""
+    """The ``*.log.json`` files of ``paths`` in the order given (files, or work dirs searched
+    non-recursively, their logs sorted by name: ``<start stamp>.log.json``)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -61,8 +62,9 @@ def read_logs(paths: list[str | Path]) -> Curves:
     train: dict[tuple[int, int], dict] = {}
     val: dict[int, dict] = {}
     files = log_files(paths)
-    # time order: a later sitting's entries replace an earlier one's (file names are start stamps)
-    for path in sorted(files, key=lambda f: f.name):
+    # in time order — the order given, a work dir's logs by their names (start stamps) — so that a
+    # later sitting's entries replace an earlier one's
+    for path in files:
         lines = path.read_text().splitlines()
         for n, line in enumerate(lines, 1):
             if not line.strip():
