@@ -92,24 +92,24 @@ def plot_epochs(rows: list[dict], study: Study, path: Path) -> bool:
     )
     for k, (t, m, seed) in enumerate(lines):
         ps = [p for p in rows if (p["temperature"], p["margin"], p["seed"]) == (t, m, seed)]
-        epochs = [p["epoch"] for p in ps]
+        shift = (k - (len(lines) - 1) / 2) * 1.0  # lines side by side, an epoch apart
+        epochs = [p["epoch"] + shift for p in ps]
         label = f"T={t:g}, m={m:g} vs m=0, seed {seed}"
         for ax, name in zip(axes[:2], ("novel_1shot", "novel_5shot")):
             ax.errorbar(epochs, [p[f"{name}_delta"] for p in ps], yerr=[p[f"{name}_ci95"] for p in ps],
                         marker="os^D"[seed % 4], color=f"C{k}", capsize=3, lw=1, label=label)  # fmt: skip
-        axes[2].plot(
-            epochs, [p["base"] for p in ps], marker="o", color=f"C{k}", label=f"T={t:g}, m={m:g}, seed {seed}"
-        )
+        axes[2].plot(epochs, [p["base"] for p in ps], marker="o", color=f"C{k}",
+                     label=f"T={t:g}, m={m:g}, seed {seed}")  # fmt: skip
         axes[2].plot(epochs, [p["base_ref"] for p in ps], marker="o", ls="--", color=f"C{k}", alpha=0.6,
                      label=f"T={t:g}, m=0, seed {seed} (dashed)")  # fmt: skip
-    for ax, title in zip(
-        axes, ("Δ novel 5-way 1-shot", "Δ novel 5-way 5-shot", f"base fit: {study.base_task}")
-    ):
+    axes[2].legend(fontsize=7, loc="lower right")
+    titles = ("Δ novel 5-way 1-shot", "Δ novel 5-way 5-shot", "base fit (test transform, no margin)")
+    for ax, title in zip(axes, titles):
         if ax is not axes[2]:
             ax.axhline(0, color="0.4", lw=0.8)
             ax.set_ylabel("Δ accuracy vs m = 0 (points)")
         else:
-            ax.set_ylabel("accuracy (%)")
+            ax.set_ylabel(f"accuracy (%): {study.base_task}", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
     title = f"{study.title}\nthe margin's effect as training converges; ± paired 95% CI"
