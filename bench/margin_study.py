@@ -321,6 +321,7 @@ def main() -> None:
     # with them.
     config_temperature = load_config(study.config, args.cfg_options).model.temperature
     for r in results:
+        r.setdefault("tag", args.tag)  # runs recorded before the tag was stored: this file's
         if r.get("temperature") is None:
             fixed = [s.temperature for s in study.settings if (s.head, s.margin) == (r["head"], r["margin"])]
             r["temperature"] = fixed[0] if fixed and fixed[0] is not None else config_temperature

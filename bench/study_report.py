@@ -128,7 +128,7 @@ def paired(results: list[dict], out: Path) -> list[dict]:
     for r in results:
         if r["head"] == "cosine" and r["margin"] == 0:
             continue
-        refs = [z for z in zeros if z["seed"] == r["seed"] and (z.get("tag") or "") == (r.get("tag") or "")]
+        refs = [z for z in zeros if z["seed"] == r["seed"] and z.get("tag") == r.get("tag")]
         if r["head"] == "cosine":
             refs = [z for z in refs if z.get("temperature") == r.get("temperature")]
         refs.sort(key=lambda z: z.get("temperature") or 0)
@@ -157,7 +157,7 @@ def between_seeds(results: list[dict], out: Path) -> list[dict]:
     """
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        groups.setdefault((r["head"], r["margin"], r.get("temperature"), r.get("tag") or ""), []).append(r)
+        groups.setdefault((r["head"], r["margin"], r.get("temperature"), r.get("tag")), []).append(r)
     rows = []
     for (head, margin, temperature, _), rs in groups.items():
         first, *later = sorted(rs, key=lambda r: r["seed"])
@@ -282,12 +282,11 @@ def seed_verdicts(results: list[dict]) -> list[dict]:
     """Per cosine setting with m ≠ 0: each seed's last-epoch Δ novel 1-shot and Δ base accuracy
     against cosine m = 0 of its seed and temperature (differences of the runs' means, so runs
     without per-item scores count too), their mean and sd, and the :func:`verdict`."""
-    # (an absent tag is the untagged study's: runs recorded before the tag was stored)
-    zeros = {(r["seed"], r.get("temperature"), r.get("tag") or ""): r for r in results
+    zeros = {(r["seed"], r.get("temperature"), r.get("tag")): r for r in results
              if r["head"] == "cosine" and r["margin"] == 0}  # fmt: skip
     groups: dict[tuple, list[tuple[float, float]]] = {}
     for r in results:
-        z = zeros.get((r["seed"], r.get("temperature"), r.get("tag") or ""))
+        z = zeros.get((r["seed"], r.get("temperature"), r.get("tag")))
         if r["head"] != "cosine" or r["margin"] == 0 or z is None:
             continue
         d = r["final"]["novel_1shot"]["mean"] - z["final"]["novel_1shot"]["mean"]
