@@ -174,6 +174,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     )
 
 
+# What testing and prediction read; the rest of a training checkpoint (optimizer, RNG state,
+# validation episodes) only resumes a run and doubles a Conv4 file's size.
+EXPORT_KEYS = ("model", "config", "train_classes", "epoch", "best_score", "best_epoch", "history")
+
+
+def export_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Write ``src``'s weights, config, base classes and history to ``dst`` without its training
+    state, for publishing: it tests and predicts exactly as ``src`` (same tensors) but cannot be
+    resumed. ``exported_from`` records the source file's name and sha256. Returns what was written."""
+    src, dst = Path(src), Path(dst)
+    ckpt = load_checkpoint(src)
+    if not ckpt.get("config"):
+        raise CheckpointError(
+            f"'{src}' holds no config (an imported checkpoint?); only train.py's can be exported"
+        )
+    out = {k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}
+    with open(src, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    out["exported_from"] = {"file": src.name, "sha256": digest}
+    save_checkpoint(dst, out)
+    return out
+
+
 def infer_backbone(state: dict[str, torch.Tensor]) -> str:
     """The backbone of an imported mmfewshot state dict, from its key names (its files carry
     no config; ours always do and are never guessed)."""

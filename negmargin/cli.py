@@ -23,13 +23,14 @@ import numpy as np
 
 from . import distributed as dist
 from . import pretrained
+from .checkpoint import export_checkpoint
 from .config import Config, apply_override, load_config
 from .curves import plot_curves, read_logs
 from .datasets import DATASETS, load_split
 from .errors import NonFiniteLossError, UserError
 from .evaluate import run_test
 from .features import extract_features
-from .fileio import atomic_save, atomic_write_text, probe_writable
+from .fileio import atomic_save, atomic_write_text, file_sha256, probe_writable
 from .imageio import Skipped, collect_query_paths, read_support_folder
 from .meta_test import run_meta_test
 from .predict import FewShotClassifier, positive_int, probability
@@ -428,6 +429,17 @@ def _plot(args: argparse.Namespace) -> None:
     print(f"{len(curves.sources)} log(s), up to {last}; {where}; figure: {out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    """A checkpoint's weights, config and history without its training state (for publishing)."""
+    out = check_output_path(args.out)
+    written = export_checkpoint(args.checkpoint, out)
+    before, after = Path(args.checkpoint).stat().st_size, out.stat().st_size
+    print(
+        f"wrote {out}: {after / 2**20:.2f} MiB (from {before / 2**20:.2f} MiB), epoch {written.get('epoch')}, "
+        f"sha256 {file_sha256(out)}; tests and predicts like the original, cannot resume training"
+    )
+
+
 def _models(args: argparse.Namespace) -> None:
     print(pretrained.listing())
 
@@ -525,6 +537,10 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("models", help="list the published models (--model NAME)")
 
+    p = sub.add_parser("export", help="a checkpoint without its training state: weights, config, history")
+    p.add_argument("checkpoint", help="a checkpoint written by train.py")
+    p.add_argument("out", help="the file to write")
+
     p = sub.add_parser("plot", help="training curves of a run (validation ± CI, loss, lr) as a png")
     p.add_argument(
         "logs", nargs="+", help="work dir(s) or .log.json files; a resumed run's sittings are joined"
@@ -547,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         return (train_main if argv[0] == "train" else test_main)(argv[1:])
     args = parser.parse_args(argv)
     handler = {"prepare": _prepare, "demo": _demo, "predict": _predict, "embed": _embed, "models": _models,
-               "meta-test": _meta_test, "plot": _plot}[args.command]  # fmt: skip
+               "meta-test": _meta_test, "plot": _plot, "export": _export}[args.command]  # fmt: skip
     return _guard(lambda: handler(args))
 
 

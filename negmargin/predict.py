@@ -148,8 +148,12 @@ class FewShotClassifier:
     def from_pretrained(cls, name: str, device: str = "auto") -> FewShotClassifier:
         """A published model by name (``negmargin models`` lists them); nothing is downloaded."""
         model = published(name)
-        backbone, pre = model.load()
-        clf = cls.from_backbone(backbone, pre, device)
+        if model.checkpoint:  # a model trained here, shipped as an exported checkpoint
+            clf = cls.from_checkpoint(model.checkpoint_path(), device)
+        else:
+            assert model.load is not None
+            backbone, pre = model.load()
+            clf = cls.from_backbone(backbone, pre, device)
         clf.source, clf.reference = f"the model '{name}'", {"kind": "published", "name": name}
         return clf
 

@@ -22,6 +22,9 @@ from torch import Tensor, nn
 
 from .config import IMAGENET_MEAN, IMAGENET_STD
 from .errors import UserError
+from .fileio import file_sha256
+
+WEIGHTS = Path(__file__).parent / "weights"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,26 @@ class PublishedModel:
     accuracy: str  # measured few-shot accuracies, with where they were measured
     install: str  # what to pip install, "" when the package has it
     pretrained_on_imagenet: bool
-    load: Callable[[], tuple[nn.Module, Preprocessing]]
+    # Either a function that builds the backbone and its preprocessing from an installed package,
+    load: Callable[[], tuple[nn.Module, Preprocessing]] | None = None
+    # or a negmargin checkpoint shipped in the package (negmargin/weights/<file>, written by
+    # `negmargin export`) with its sha256, checked on every load.
+    checkpoint: str = ""
+    sha256: str = ""
+
+    def checkpoint_path(self) -> Path:
+        """The shipped checkpoint, checked against its recorded sha256."""
+        path = WEIGHTS / self.checkpoint
+        if not path.is_file():
+            raise UserError(
+                f"the model '{self.name}' has no file {path} in this installation; reinstall negmargin"
+            )
+        if file_sha256(path) != self.sha256:
+            raise UserError(
+                f"the model '{self.name}': {path} does not match its recorded sha256 "
+                f"({self.sha256[:12]}…); the installation is damaged, reinstall negmargin"
+            )
+        return path
 
 
 class PooledEfficientNet(nn.Module):
@@ -128,6 +150,21 @@ def _efficientnet_lite0() -> tuple[nn.Module, Preprocessing]:
 
 
 MODELS: dict[str, PublishedModel] = {
+    "cub-conv4": PublishedModel(
+        name="cub-conv4",
+        description="Conv4 (1600-d features, 84×84 input) trained with the Neg-Margin cosine head "
+        "(T 10, m -0.01), the reproduction run of the CUB Conv4 config (fp32, 200 epochs, best-val epoch 140)",
+        trained_on="CUB-200-2011's 100 base classes (5,885 photos; a JPEG-q75 public copy, docs/cub.md)",
+        licence="non-commercial research and education only (the CUB-200-2011 images' terms)",
+        accuracy=(
+            "5-way 1-/5-shot, 2000 episodes: CUB test classes 62.50 ± 0.49 / 79.09 ± 0.35 "
+            "(reference 64.08 / 80.69; docs/reproduction.md)"
+        ),
+        install="",
+        pretrained_on_imagenet=False,
+        checkpoint="cub-conv4.pth",
+        sha256="1b6a5700da5e1e0e68f01bd1298c3f5b2d23372ba69419b8592cede57b22c534",
+    ),
     "imagenet-effnet-lite0": PublishedModel(
         name="imagenet-effnet-lite0",
         description="EfficientNet-Lite0 features (1280-d), 224×224 input",

@@ -284,8 +284,11 @@ class TrainState:
 
 def check_resume_config(cfg: Config, ckpt: dict[str, Any], path: Path) -> None:
     old = ckpt.get("config")
-    if not old or "iteration" not in ckpt:
-        raise CheckpointError(f"'{path}' has no training state to resume (an imported checkpoint?)")
+    if not old or "iteration" not in ckpt or "optimizer" not in ckpt:
+        raise CheckpointError(
+            f"'{path}' has no training state to resume (an imported or exported checkpoint: "
+            "weights only; it tests and predicts, but training cannot continue from it)"
+        )
     new = cfg.to_dict()
     for section, key in (
         ("model", "backbone"),

@@ -11,10 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from negmargin import cli
-from negmargin.errors import UserError
+from negmargin import cli, pretrained
+from negmargin.checkpoint import EXPORT_KEYS, load_checkpoint
+from negmargin.config import Config
+from negmargin.errors import CheckpointError, UserError
+from negmargin.fileio import file_sha256
 from negmargin.predict import FewShotClassifier
-from negmargin.pretrained import MODELS, Preprocessing, check_benchmark, published
+from negmargin.pretrained import MODELS, Preprocessing, PublishedModel, check_benchmark, published
+from negmargin.train import run
 
 from .helpers import write_config
 
@@ -113,12 +117,82 @@ def test_predict_keeps_and_reuses_a_classifier_from_the_command_line(model_and_i
     assert json.loads(capsys.readouterr().out) == first
 
 
-def test_published_models_by_name():
-    assert "imagenet-effnet-lite0" in MODELS and cli.main(["models"]) == 0
+def test_published_models_by_name(capsys):
+    assert {"cub-conv4", "imagenet-effnet-lite0"} <= set(MODELS) and cli.main(["models"]) == 0
+    listed = capsys.readouterr().out
+    assert "cub-conv4" in listed and "non-commercial" in listed and "demo" not in listed
     model = published("imagenet-effnet-lite0")
     assert "Apache-2.0" in model.licence and model.pretrained_on_imagenet
-    with pytest.raises(UserError, match="unknown model 'cub-conv5'; published models: imagenet-effnet-lite0"):
+    with pytest.raises(UserError, match="unknown model 'cub-conv5'; published models: cub-conv4, imagenet"):
         published("cub-conv5")
+
+
+def test_an_exported_checkpoint_tests_and_predicts_like_the_original_but_cannot_resume(
+    model_and_images, tmp_path, capsys
+):
+    tmp, ckpt, raw = model_and_images
+    out = tmp_path / "exported.pth"
+    assert cli.main(["export", str(ckpt), str(out)]) == 0
+    assert "cannot resume training" in capsys.readouterr().out
+    full, slim = load_checkpoint(ckpt), load_checkpoint(out)
+    assert set(slim) - {"format", "format_version", "negmargin_version", "sha256", "exported_from"} == set(
+        EXPORT_KEYS
+    )
+    assert slim["exported_from"] == {"file": ckpt.name, "sha256": file_sha256(ckpt)}
+    assert out.stat().st_size < 0.8 * ckpt.stat().st_size  # no optimizer state, RNG or val episodes
+    assert all(torch.equal(full["model"][k], slim["model"][k]) for k in full["model"])
+    support, labels = images_of(tmp / "support")
+    queries, _ = images_of(tmp / "query")
+    a = FewShotClassifier.from_checkpoint(ckpt, device="cpu").fit(support, labels)
+    b = FewShotClassifier.from_checkpoint(out, device="cpu").fit(support, labels)
+    assert torch.equal(a.predict_proba(queries), b.predict_proba(queries))
+    results = []
+    for path, wd in ((ckpt, tmp_path / "t1"), (out, tmp_path / "t2")):
+        assert cli.test_main([str(write_config(tmp_path / "c.py", raw)), str(path), "--work-dir", str(wd),
+                              "--quiet", "--n-episodes", "20"]) == 0  # fmt: skip
+        results.append(json.loads(next(wd.glob("meta_test_test_*.json")).read_text())["episode_accuracies"])
+    assert results[0] == results[1]
+    resume = {**raw, "train": {**raw["train"], "epochs": 3}}
+    with pytest.raises(CheckpointError, match="no training state to resume"):
+        run(Config.from_dict(resume).validate(), tmp_path / "r", progress=False, resume_from=out)
+
+
+def test_a_checkpoint_shipped_in_the_package_is_a_published_model(model_and_images, tmp_path, monkeypatch):
+    tmp, ckpt, _ = model_and_images
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    cli.main(["export", str(ckpt), str(weights / "tiny.pth")])
+    model = PublishedModel(name="tiny-conv4", description="", trained_on="tiny", licence="", accuracy="",
+                           install="", pretrained_on_imagenet=False, checkpoint="tiny.pth",
+                           sha256=file_sha256(weights / "tiny.pth"))  # fmt: skip
+    monkeypatch.setattr(pretrained, "WEIGHTS", weights)
+    monkeypatch.setitem(MODELS, "tiny-conv4", model)
+    support, labels = images_of(tmp / "support")
+    queries, _ = images_of(tmp / "query")
+    clf = FewShotClassifier.from_pretrained("tiny-conv4", device="cpu").fit(support, labels)
+    same = FewShotClassifier.from_checkpoint(ckpt, device="cpu").fit(support, labels)
+    assert torch.equal(clf.predict_proba(queries), same.predict_proba(queries))
+    assert clf.reference == {"kind": "published", "name": "tiny-conv4"}
+    kept = FewShotClassifier.load(clf.save(tmp_path / "tiny.clf"))
+    assert torch.equal(kept.predict_proba(queries), clf.predict_proba(queries))
+    with (weights / "tiny.pth").open("r+b") as f:  # one byte changed on disk
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(UserError, match="does not match its recorded sha256"):
+        FewShotClassifier.from_pretrained("tiny-conv4", device="cpu")
+
+
+def test_the_shipped_cub_conv4_loads_and_embeds():
+    model = published("cub-conv4")
+    assert not model.pretrained_on_imagenet and "non-commercial" in model.licence
+    clf = FewShotClassifier.from_pretrained("cub-conv4", device="cpu")  # checks the file's sha256
+    ckpt = load_checkpoint(model.checkpoint_path())
+    assert ckpt["config"]["data"]["dataset"] == "cub" and len(ckpt["train_classes"]) == 100
+    image = torch.randint(0, 256, (84, 84, 3), dtype=torch.uint8).numpy()
+    feats = clf.embed([image, image])
+    assert feats.shape == (2, 1600) and torch.isfinite(feats).all() and torch.equal(feats[0], feats[1])
 
 
 def test_the_pretrained_backbone_installs_with_pip_and_classifies(model_and_images):
