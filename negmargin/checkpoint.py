@@ -35,7 +35,7 @@ import torch
 
 from ._version import __version__
 from .errors import CheckpointError
-from .fileio import atomic_save
+from .fileio import atomic_save, file_sha256
 
 FORMAT = "negmargin-checkpoint"
 FORMAT_VERSION = 1
@@ -190,9 +190,7 @@ def export_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
             f"'{src}' holds no config (an imported checkpoint?); only train.py's can be exported"
         )
     out = {k: ckpt[k] for k in EXPORT_KEYS if k in ckpt}
-    with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    out["exported_from"] = {"file": src.name, "sha256": digest}
+    out["exported_from"] = {"file": src.name, "sha256": file_sha256(src)}
     save_checkpoint(dst, out)
     return out
 
