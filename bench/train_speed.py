@@ -13,7 +13,12 @@ channels-last), in one run:
   (3) the usual pipeline: torch DataLoader with worker processes, each decoding
       the JPEG and applying the same augmentation per image with PIL → the same step.
 
-Prints images/s for each, the ratios (2)/(1) and (2)/(3), and the share of the machine's
+and, for Conv4, (1) and (2) again with the blocks in the order they had before pooling
+moved ahead of the ReLU (#29; bit-identical results) — "before" below: ``--rounds``
+rounds alternate the two so that both see the same machine, and each rate is the median
+of its rounds.
+
+Prints images/s for each, the ratios (2)/(1), (2)/(3) and now/before, and the share of the machine's
 arithmetic bound that (1) and (2) reach (``bound.py``: FLOP per image counted, peak FLOP/s
 from the CPU's flags, cores and clock; printed in the header). The machine is
 shared and noisy: every number of a table comes from the same run; each rate
@@ -28,6 +33,7 @@ import functools
 import itertools
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -104,6 +110,26 @@ def train_step(model: FewShotModel, opt, rt: Runtime, x, y) -> None:
         torch.cuda.synchronize()
 
 
+def activation_before_pool(model: FewShotModel) -> FewShotModel:
+    """The Conv4 block order before #29 (Conv → BN → ReLU → MaxPool), same modules, in place."""
+    for block in model.backbone.layers:
+        conv, bn, pool, relu = block.layers
+        block.layers = torch.nn.Sequential(conv, bn, relu, pool)
+    return model
+
+
+def make_step(cfg: Config, num_classes: int, rt: Runtime, before: bool):
+    """A fresh model (seed 0) and its training step; ``before``: the pre-#29 block order."""
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes).to(rt.device)
+    if before:
+        activation_before_pool(model)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    return model, functools.partial(train_step, model, opt, rt)
+
+
 def our_batches(loader: TrainLoader):
     epoch = 0
     while True:
@@ -140,6 +166,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for (3)")
     parser.add_argument("--compile", action="store_true", help="also time (1) with torch.compile")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds of now/before (Conv4); medians"
+    )
     parser.add_argument(
         "--data-root", help="real miniImageNet (train.csv + images/) instead of generated JPEGs"
     )
@@ -191,7 +220,8 @@ def main() -> None:
             print(f"bound, {prec}: {peak_flops(flags, prec, cores(), ghz)[1]}")
     print(
         f"{'backbone':<9} {'precision':<16} {'(1) model':>10} {'(2) ours':>10} {'(3) PIL+DL':>11} "
-        f"{'(2)/(1)':>8} {'(2)/(3)':>8} {'(1),(2) of bound':>17}"
+        f"{'(2)/(1)':>8} {'(2)/(3)':>8} {'(1),(2) of bound':>17}   "
+        f"{'(1) before':>10} {'(2) before':>10} {'(1),(2) now/before':>18}"
     )
     for name in args.backbones:
         for precision in args.precisions:
@@ -207,24 +237,26 @@ def main() -> None:
                     },
                 }
             ).validate()
-            torch.manual_seed(0)
-            model = build_model(run_cfg, packed.num_classes).to(device)
-            if cl:
-                model = model.to(memory_format=torch.channels_last)
             rt = Runtime(device, "bf16" if bf16 else "fp32", cl)
-            opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
 
-            step = functools.partial(train_step, model, opt, rt)
-
+            model, step = make_step(run_cfg, packed.num_classes, rt, before=False)
+            variants = {"now": step}
+            if name == "conv4":
+                variants["before"] = make_step(run_cfg, packed.num_classes, rt, before=True)[1]
+            rounds = args.rounds if name == "conv4" else 1
             steps = args.steps if name == "conv4" else max(3, args.steps // 3)
             warm = 2
             fmt = torch.channels_last if cl else torch.contiguous_format
             fixed = torch.randn(64, 3, 84, 84, device=device).contiguous(memory_format=fmt)
             fixed_y = labels[:64].to(device)
-            r1 = timed_steps(step, itertools.repeat((fixed, fixed_y)), warm, steps)
-
             loader = TrainLoader(packed, run_cfg, 64, device, channels_last=cl)
-            r2 = timed_steps(step, our_batches(loader), warm, steps)
+            rates = {(k, j): [] for k in variants for j in (1, 2)}
+            for _ in range(rounds):  # alternate, so that a busy minute hits both alike
+                for key, st in variants.items():
+                    rates[key, 1].append(timed_steps(st, itertools.repeat((fixed, fixed_y)), warm, steps))
+                    rates[key, 2].append(timed_steps(st, our_batches(loader), warm, steps))
+            med = {k: statistics.median(v) for k, v in rates.items()}
+            r1, r2 = med["now", 1], med["now", 2]
             dl = torch.utils.data.DataLoader(
                 PILDataset(paths, labels, run_cfg),
                 batch_size=64,
@@ -241,8 +273,12 @@ def main() -> None:
                 peak, _ = peak_flops(flags, "bf16" if bf16 else "fp32", cores(), ghz)
                 per_image = training_flops_per_image(model, 84, packed.num_classes)
                 share = f"{r1 * per_image / peak:>8.0%} {r2 * per_image / peak:>8.0%}"
+            before = "   —  (no change in this backbone)"
+            if "before" in variants:
+                b1, b2 = med["before", 1], med["before", 2]
+                before = f"{b1:>8.1f}/s {b2:>8.1f}/s {r1 / b1:>9.2f} {r2 / b2:>8.2f}"
             print(
-                f"{name:<9} {precision:<16} {r1:>8.1f}/s {r2:>8.1f}/s {r3:>9.1f}/s {r2 / r1:>8.2f} {r2 / r3:>8.2f} {share}"
+                f"{name:<9} {precision:<16} {r1:>8.1f}/s {r2:>8.1f}/s {r3:>9.1f}/s {r2 / r1:>8.2f} {r2 / r3:>8.2f} {share}   {before}"
             )
             if args.compile and name == "conv4":
                 cmodel = build_model(run_cfg, packed.num_classes).to(device)
@@ -262,6 +298,7 @@ def main() -> None:
                 )
     print(
         f"({args.steps} timed steps, ResNet12 {max(3, args.steps // 3)}, after 2 warm-up steps; "
+        f"Conv4: median of {args.rounds} alternating rounds; "
         f"{math.ceil(len(packed) / 64)} batches per epoch)"
     )
 

@@ -51,3 +51,23 @@ def test_conv4_training_flop_is_three_forward_passes_less_the_first_input_gradie
     counted = training_flops_per_image(model, 84, 64)
     assert counted == pytest.approx(expected, rel=0.01)  # the head adds ~0.1%
     assert all(v.equal(before[k]) for k, v in model.state_dict().items())  # counted on a copy
+
+
+def test_train_speed_before_variant_is_the_reference_order_with_the_same_results():
+    # bench/train_speed.py's "before" column times Conv4 as it was before pooling moved
+    # ahead of the ReLU: that model must have the old order and give the same numbers.
+    import torch
+
+    from train_speed import activation_before_pool
+
+    cfg = Config.from_dict({"name": "t", "data": {"dataset": "folder", "root": "x"}}).validate()
+    torch.manual_seed(0)
+    now = build_model(cfg, 5)
+    before = build_model(cfg, 5)
+    before.load_state_dict(now.state_dict())
+    activation_before_pool(before)
+    kinds = [type(m).__name__ for m in before.backbone.layers[0].layers]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert [type(m).__name__ for m in now.backbone.layers[0].layers][2:] == ["MaxPool2d", "ReLU"]
+    x = torch.randn(4, 3, 84, 84)
+    assert torch.equal(now.backbone(x), before.backbone(x))

@@ -44,6 +44,58 @@ def test_reference_key_names():
     assert "layer1.0.conv1.weight" in keys and "layer4.0.downsample.1.running_mean" in keys
 
 
+def _reference_forward(model, x):
+    """The reference's order, activation before pooling, with the model's own modules."""
+    if isinstance(model, BACKBONES["conv4"]):
+        for block in model.layers:
+            conv, bn = block.layers[0], block.layers[1]
+            x = F.max_pool2d(F.relu(bn(conv(x))), 2)
+        return x.flatten(1)
+    for i in range(1, 5):
+        b = getattr(model, f"layer{i}")[0]
+        out = b.relu(b.norm1(b.conv1(x)))
+        out = b.relu(b.norm2(b.conv2(out)))
+        out = b.norm3(b.conv3(out))
+        x = F.max_pool2d(b.relu(out + b.downsample(x)), 2)
+    return x.mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_backbones_are_bit_identical_to_the_reference_order(name, channels_last):
+    # Conv4 pools before its ReLU (the reference: after). Five SGD steps of the model and
+    # of the reference order from the same weights, on inputs made of flat 4×4 patches
+    # so that pooling windows hold exact ties and all-negative maxima: every output,
+    # running statistic and weight must be equal to the last bit.
+    torch.manual_seed(0)
+    fast = build_backbone(name, image_size=32)
+    ref = build_backbone(name, image_size=32)
+    ref.load_state_dict(fast.state_dict())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fast, ref = fast.to(memory_format=fmt), ref.to(memory_format=fmt)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (fast, ref)]
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(6, 3, 8, 8, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
+        x = x.contiguous(memory_format=fmt)
+        outs = []
+        for model, forward, opt in ((fast, model_forward, opts[0]), (ref, _reference_forward, opts[1])):
+            opt.zero_grad()
+            out = forward(model, x)
+            (out.sin().sum()).backward()  # a gradient of both signs
+            opt.step()
+            outs.append(out.detach())
+        assert torch.equal(outs[0], outs[1])
+    if name == "conv4":  # Conv4 pools before its ReLU: the inputs did reach the ≤ 0 windows
+        assert (outs[0] == 0).any()
+    for (k, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def model_forward(model, x):
+    return model(x)
+
+
 def test_unknown_backbone_lists_valid_names():
     with pytest.raises(ConfigError, match="valid names: conv4, resnet12"):
         build_backbone("resnet18")
