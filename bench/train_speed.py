@@ -14,9 +14,10 @@ channels-last), in one run:
       the JPEG and applying the same augmentation per image with PIL → the same step.
 
 and, for Conv4, (1) and (2) again with the blocks in the order they had before pooling
-moved ahead of the ReLU (#29; bit-identical results) — "before" below: ``--rounds``
-rounds alternate the two so that both see the same machine, and each rate is the median
-of its rounds.
+moved ahead of the ReLU (#29; bit-identical results) — "before" below. The two
+alternate step by step (the first of each pair alternating too), so that both see the
+same machine: its speed here drifts by ±20% over minutes, more than the difference
+measured. now/before is the median of the paired step-time ratios.
 
 Prints images/s for each, the ratios (2)/(1), (2)/(3) and now/before, and the share of the machine's
 arithmetic bound that (1) and (2) reach (``bound.py``: FLOP per image counted, peak FLOP/s
@@ -130,6 +131,24 @@ def make_step(cfg: Config, num_classes: int, rt: Runtime, before: bool):
     return model, functools.partial(train_step, model, opt, rt)
 
 
+def paired_steps(variants: dict, batches: dict, warmup: int, steps: int, batch_size: int = 64) -> dict:
+    """Steps of the variants ``{"now": step, "before": step}`` alternated one by one.
+
+    Returns each one's images/s over its own steps (data waits included) and ``ratio``:
+    the median over the pairs of before's step time / now's."""
+    its = {k: iter(b) for k, b in batches.items()}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for i in range(warmup + steps):
+        for k in variants if i % 2 == 0 else reversed(list(variants)):
+            t0 = time.perf_counter()
+            variants[k](*next(its[k]))
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t0)
+    out = {k: batch_size * len(v) / sum(v) for k, v in times.items()}
+    out["ratio"] = statistics.median(b / a for a, b in zip(times["now"], times["before"]))
+    return out
+
+
 def our_batches(loader: TrainLoader):
     epoch = 0
     while True:
@@ -166,9 +185,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for (3)")
     parser.add_argument("--compile", action="store_true", help="also time (1) with torch.compile")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating rounds of now/before (Conv4); medians"
-    )
     parser.add_argument(
         "--data-root", help="real miniImageNet (train.csv + images/) instead of generated JPEGs"
     )
@@ -243,20 +259,24 @@ def main() -> None:
             variants = {"now": step}
             if name == "conv4":
                 variants["before"] = make_step(run_cfg, packed.num_classes, rt, before=True)[1]
-            rounds = args.rounds if name == "conv4" else 1
             steps = args.steps if name == "conv4" else max(3, args.steps // 3)
             warm = 2
             fmt = torch.channels_last if cl else torch.contiguous_format
             fixed = torch.randn(64, 3, 84, 84, device=device).contiguous(memory_format=fmt)
             fixed_y = labels[:64].to(device)
-            loader = TrainLoader(packed, run_cfg, 64, device, channels_last=cl)
-            rates = {(k, j): [] for k in variants for j in (1, 2)}
-            for _ in range(rounds):  # alternate, so that a busy minute hits both alike
-                for key, st in variants.items():
-                    rates[key, 1].append(timed_steps(st, itertools.repeat((fixed, fixed_y)), warm, steps))
-                    rates[key, 2].append(timed_steps(st, our_batches(loader), warm, steps))
-            med = {k: statistics.median(v) for k, v in rates.items()}
-            r1, r2 = med["now", 1], med["now", 2]
+            if len(variants) == 1:
+                r1 = timed_steps(step, itertools.repeat((fixed, fixed_y)), warm, steps)
+                loader = TrainLoader(packed, run_cfg, 64, device, channels_last=cl)
+                r2 = timed_steps(step, our_batches(loader), warm, steps)
+            else:
+                memory = {k: itertools.repeat((fixed, fixed_y)) for k in variants}
+                p1 = paired_steps(variants, memory, warm, steps)
+                ours = {
+                    k: our_batches(TrainLoader(packed, run_cfg, 64, device, channels_last=cl))
+                    for k in variants
+                }
+                p2 = paired_steps(variants, ours, warm, steps)
+                r1, r2 = p1["now"], p2["now"]
             dl = torch.utils.data.DataLoader(
                 PILDataset(paths, labels, run_cfg),
                 batch_size=64,
@@ -275,8 +295,8 @@ def main() -> None:
                 share = f"{r1 * per_image / peak:>8.0%} {r2 * per_image / peak:>8.0%}"
             before = "   —  (no change in this backbone)"
             if "before" in variants:
-                b1, b2 = med["before", 1], med["before", 2]
-                before = f"{b1:>8.1f}/s {b2:>8.1f}/s {r1 / b1:>9.2f} {r2 / b2:>8.2f}"
+                b1, b2 = p1["before"], p2["before"]
+                before = f"{b1:>8.1f}/s {b2:>8.1f}/s {p1['ratio']:>9.2f} {p2['ratio']:>8.2f}"
             print(
                 f"{name:<9} {precision:<16} {r1:>8.1f}/s {r2:>8.1f}/s {r3:>9.1f}/s {r2 / r1:>8.2f} {r2 / r3:>8.2f} {share}   {before}"
             )
@@ -298,7 +318,7 @@ def main() -> None:
                 )
     print(
         f"({args.steps} timed steps, ResNet12 {max(3, args.steps // 3)}, after 2 warm-up steps; "
-        f"Conv4: median of {args.rounds} alternating rounds; "
+        "Conv4 now/before: alternating steps, median of the paired step-time ratios; "
         f"{math.ceil(len(packed) / 64)} batches per epoch)"
     )
 
