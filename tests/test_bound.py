@@ -4,6 +4,7 @@ CPU's flags, and the FLOP of a training step counted against the convolutions' a
 import sys
 
 import pytest
+import torch
 
 from negmargin.config import Config
 from negmargin.model import build_model
@@ -12,6 +13,7 @@ from .helpers import REPO
 
 sys.path.insert(0, str(REPO / "bench"))
 from bound import flop_per_cycle, peak_flops, training_flops_per_image  # noqa: E402
+from train_speed import activation_before_pool  # noqa: E402
 
 AVX2 = frozenset({"sse2", "avx", "avx2", "fma"})
 AVX512_BF16 = AVX2 | {"avx512f", "avx512_bf16"}
@@ -56,10 +58,6 @@ def test_conv4_training_flop_is_three_forward_passes_less_the_first_input_gradie
 def test_train_speed_before_variant_is_the_reference_order_with_the_same_results():
     # bench/train_speed.py's "before" column times Conv4 as it was before pooling moved
     # ahead of the ReLU: that model must have the old order and give the same numbers.
-    import torch
-
-    from train_speed import activation_before_pool
-
     cfg = Config.from_dict({"name": "t", "data": {"dataset": "folder", "root": "x"}}).validate()
     torch.manual_seed(0)
     now = build_model(cfg, 5)
