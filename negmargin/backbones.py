@@ -29,9 +29,10 @@ class ConvBlock(nn.Module):
     The two orders give bit-identical outputs and gradients: ReLU is monotone, so the
     window's maximum and its argmax (where max pooling sends the gradient) are the same
     either way, and where the maximum is ≤ 0 both orders pass a zero gradient. Pooling
-    first runs the ReLU and its backward on a quarter of the elements: ×1.15 on a
-    Conv4 training step on a 2-core AVX2 CPU (docs/benchmarks.md);
-    ``tests/test_backbones.py`` trains both orders and checks every weight is equal.
+    first runs the ReLU and its backward on a quarter of the elements: ×1.12 on a
+    Conv4 training step (×1.08 with the input path) on a 2-core AVX2 CPU
+    (docs/benchmarks.md); ``tests/test_models.py`` trains both orders and checks every
+    weight is equal.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:

@@ -44,6 +44,10 @@ def test_reference_key_names():
     assert "layer1.0.conv1.weight" in keys and "layer4.0.downsample.1.running_mean" in keys
 
 
+def _model_forward(model, x):
+    return model(x)
+
+
 def _reference_forward(model, x):
     """The reference's order, activation before pooling, with the model's own modules."""
     if isinstance(model, BACKBONES["conv4"]):
@@ -79,7 +83,7 @@ def test_backbones_are_bit_identical_to_the_reference_order(name, channels_last)
         x = torch.randn(6, 3, 8, 8, generator=g).repeat_interleave(4, 2).repeat_interleave(4, 3)
         x = x.contiguous(memory_format=fmt)
         outs = []
-        for model, forward, opt in ((fast, model_forward, opts[0]), (ref, _reference_forward, opts[1])):
+        for model, forward, opt in ((fast, _model_forward, opts[0]), (ref, _reference_forward, opts[1])):
             opt.zero_grad()
             out = forward(model, x)
             (out.sin().sum()).backward()  # a gradient of both signs
@@ -90,10 +94,6 @@ def test_backbones_are_bit_identical_to_the_reference_order(name, channels_last)
         assert (outs[0] == 0).any()
     for (k, a), b in zip(fast.state_dict().items(), ref.state_dict().values()):
         assert torch.equal(a, b), k
-
-
-def model_forward(model, x):
-    return model(x)
 
 
 def test_unknown_backbone_lists_valid_names():
