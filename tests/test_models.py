@@ -64,8 +64,9 @@ def _reference_forward(model, x):
     return x.mean(dim=(2, 3))
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("name", sorted(BACKBONES))
+# ResNet12 channels-last only (~12 s): the layout where pooling before its LeakyReLU was
+# measured to change a gradient, so the case guards against that reordering.
+@pytest.mark.parametrize(("name", "channels_last"), [("conv4", False), ("conv4", True), ("resnet12", True)])
 def test_backbones_are_bit_identical_to_the_reference_order(name, channels_last):
     # Conv4 pools before its ReLU (the reference: after). Five SGD steps of the model and
     # of the reference order from the same weights, on inputs made of flat 4×4 patches
