@@ -132,7 +132,7 @@ def make_step(cfg: Config, num_classes: int, rt: Runtime, before: bool):
 
 
 def paired_steps(variants: dict, batches: dict, warmup: int, steps: int, batch_size: int = 64) -> dict:
-    """Steps of the variants ``{"now": step, "before": step}`` alternated one by one.
+    """Steps of the variants ``{"now": step[, "before": step]}`` alternated one by one.
 
     Returns each one's images/s over its own steps (data waits included) and ``ratio``:
     the median over the pairs of before's step time / now's."""
@@ -145,7 +145,8 @@ def paired_steps(variants: dict, batches: dict, warmup: int, steps: int, batch_s
             if i >= warmup:
                 times[k].append(time.perf_counter() - t0)
     out = {k: batch_size * len(v) / sum(v) for k, v in times.items()}
-    out["ratio"] = statistics.median(b / a for a, b in zip(times["now"], times["before"]))
+    if "before" in times:
+        out["ratio"] = statistics.median(b / a for a, b in zip(times["now"], times["before"]))
     return out
 
 
@@ -264,19 +265,13 @@ def main() -> None:
             fmt = torch.channels_last if cl else torch.contiguous_format
             fixed = torch.randn(64, 3, 84, 84, device=device).contiguous(memory_format=fmt)
             fixed_y = labels[:64].to(device)
-            if len(variants) == 1:
-                r1 = timed_steps(step, itertools.repeat((fixed, fixed_y)), warm, steps)
-                loader = TrainLoader(packed, run_cfg, 64, device, channels_last=cl)
-                r2 = timed_steps(step, our_batches(loader), warm, steps)
-            else:
-                memory = {k: itertools.repeat((fixed, fixed_y)) for k in variants}
-                p1 = paired_steps(variants, memory, warm, steps)
-                ours = {
-                    k: our_batches(TrainLoader(packed, run_cfg, 64, device, channels_last=cl))
-                    for k in variants
-                }
-                p2 = paired_steps(variants, ours, warm, steps)
-                r1, r2 = p1["now"], p2["now"]
+            memory = {k: itertools.repeat((fixed, fixed_y)) for k in variants}
+            p1 = paired_steps(variants, memory, warm, steps)
+            ours = {
+                k: our_batches(TrainLoader(packed, run_cfg, 64, device, channels_last=cl)) for k in variants
+            }
+            p2 = paired_steps(variants, ours, warm, steps)
+            r1, r2 = p1["now"], p2["now"]
             dl = torch.utils.data.DataLoader(
                 PILDataset(paths, labels, run_cfg),
                 batch_size=64,
