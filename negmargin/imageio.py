@@ -100,6 +100,25 @@ def read_image(source: str | Path | bytes, channels: int = 3, name: str | None =
         raise DataError(f"cannot decode image '{label}': {exc}") from None
 
 
+def read_size(source: str | Path | bytes) -> tuple[int, int]:
+    """(height, width) of an image file or encoded bytes from its header, without decoding
+    the pixels (EXIF orientation not applied: the area is what callers need).
+
+    Raises :class:`DataError` if it is not an image PIL can open.
+    """
+    try:
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(handle) as img:
+                width, height = img.size
+                return height, width
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
+        raise DataError(
+            f"cannot read the size of image '{source if isinstance(source, (str, Path)) else '<bytes>'}': {exc}"
+        ) from None
+
+
 def as_uint8(image: ImageLike, channels: int = 3, name: str = "image") -> np.ndarray:
     """Any image the API takes → (H, W, channels) uint8.
 

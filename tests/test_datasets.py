@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import pickle
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,12 +16,13 @@ from PIL import Image
 
 from negmargin.config import Config
 from negmargin.datasets import load_split, read_source
-from negmargin.datasets.cache import PackedSplit, StorePolicy, prepare
+from negmargin.datasets.cache import PackedSplit, StorePolicy, estimate_bytes, prepare
 from negmargin.datasets.cub import split_classes
 from negmargin.datasets.folder import split_by_fraction
 from negmargin.datasets.mini_imagenet import original_index
 from negmargin.datasets.omniglot import VAL_ALPHABETS
 from negmargin.errors import DataError
+from negmargin.fileio import MIN_FREE_BYTES, DiskFullError
 from negmargin.imageio import read_image
 
 DATA = Path(__file__).parent / "data"
@@ -238,6 +240,42 @@ def test_tiered_pickles_round_trip_through_cache(tmp_path):
     for i, a in enumerate(arrays):
         assert np.array_equal(packed.image(i), a)
     assert src.decode._items == [None] * 12  # every PNG string released once decoded
+    # the free-space estimate (run by prepare, above) reads the PNGs' headers without taking them
+    fresh = read_source(cfg, "test")
+    stored = (packed.folder / "images.u8").stat().st_size
+    assert estimate_bytes(fresh, StorePolicy(0, False, "pil", 3)) == int(1.25 * stored)
+    assert all(item is not None for item in fresh.decode._items)
+
+
+def test_cache_size_estimate_follows_the_stored_sizes(tmp_path, monkeypatch):
+    """The free-space check asks for the stored bytes (+25%), not a 256-px bound: an
+    84-px release is stored at 84 px (the bound would ask ~12x too much), a large image
+    is shrunk to the 256-px short side first."""
+    rng = np.random.default_rng(0)
+    sizes = [(84, 84)] * 6 + [(300, 400), (500, 375)]  # (H, W)
+    for i, (h, w) in enumerate(sizes):
+        path = tmp_path / "src" / f"c{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(path)
+    src = read_source(
+        cfg_for("folder", tmp_path / "src", tmp_path, options={"split_fractions": (1, 0, 0)}), "train"
+    )
+    policy = StorePolicy(256, False, "pil", 3)
+    packed = prepare(src, policy, tmp_path / "c", workers=1, progress=False)
+    stored = (packed.folder / "images.u8").stat().st_size
+    assert stored == 3 * (6 * 84 * 84 + 256 * 341 + 341 * 256)
+    assert estimate_bytes(src, policy) == int(1.25 * stored)  # all 8 sampled
+    assert estimate_bytes(src, policy, sample=2) < 3 * stored  # first and last image only
+    # prepare asks the disk for the estimate: room for 2x the stored bytes is enough
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=MIN_FREE_BYTES + 2 * stored))
+    prepare(src, policy, tmp_path / "again", workers=1, progress=False)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage._replace(free=MIN_FREE_BYTES + stored))
+    with pytest.raises(DiskFullError, match="not enough disk space to write the image cache of folder/train"):
+        prepare(src, policy, tmp_path / "full", workers=1, progress=False)
+    (tmp_path / "src" / "c0" / "0.png").write_bytes(b"not a png")
+    (tmp_path / "src" / "c1" / "7.png").write_bytes(b"not a png")
+    assert estimate_bytes(src, policy, sample=2) == int(8 * 256 * 256 * 4 / 3 * 3)  # no header: the bound
 
 
 class Boom:

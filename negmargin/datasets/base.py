@@ -32,6 +32,9 @@ class SplitSource:
             cache built from the same listing is reused.
         decode: ``decode(item) -> bytes | str`` giving encoded bytes or a path;
             None means items are paths.
+        peek: like ``decode`` but leaves the item in place (``decode`` may hand each
+            item out once); used to read a few images' sizes before the cache is built.
+            None with a ``decode``: the sizes are not sampled.
         rotations: (n,) number of 90° turns to apply after decoding (Omniglot's
             rotated classes), or None.
         metadata: extra per-class facts (e.g. tieredImageNet general categories).
@@ -48,6 +51,7 @@ class SplitSource:
     layout: str
     fingerprint: str
     decode: Callable[[Any], bytes | str] | None = None
+    peek: Callable[[Any], bytes | str] | None = None
     rotations: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     cache_variant: str = ""

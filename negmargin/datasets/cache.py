@@ -45,7 +45,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..fileio import DiskFullError, atomic_write_text, check_free_space, process_alive
-from ..imageio import read_image
+from ..imageio import read_image, read_size
 from ..resample import resize_array, resize_short_side
 from ..runlog import progress_bar
 from .base import SplitSource
@@ -73,9 +73,8 @@ def decode_and_store(payload: bytes | str, name: str, policy: StorePolicy, rotat
     if rotation:
         img = np.ascontiguousarray(np.rot90(img, k=rotation, axes=(0, 1)))
     h, w = img.shape[:2]
-    short = min(h, w)
-    if policy.short and (short > policy.short or (policy.upscale and short != policy.short)):
-        out_h, out_w = resize_short_side(h, w, policy.short)
+    out_h, out_w = stored_shape(h, w, policy)
+    if (out_h, out_w) != (h, w):
         img = resize_array(img, out_h, out_w, policy.filter)
     return img
 
@@ -184,6 +183,38 @@ def remove_dead_temporaries(folder: Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
 
 
+def stored_shape(height: int, width: int, policy: StorePolicy) -> tuple[int, int]:
+    """(H, W) at which :func:`decode_and_store` stores a (height, width) source image."""
+    short = min(height, width)
+    if policy.short and (short > policy.short or (policy.upscale and short != policy.short)):
+        return resize_short_side(height, width, policy.short)
+    return height, width
+
+
+def estimate_bytes(source: SplitSource, policy: StorePolicy, sample: int = 64) -> int:
+    """Bytes the cache of ``source`` will take: the mean stored size of up to ``sample``
+    evenly spaced images, read from their headers, times the count, plus 25% for the
+    images not sampled. Where no size can be sampled (no ``peek``, unreadable headers),
+    the bound of a 4:3 image at a 256-px short side (or at the policy's short side).
+    """
+    n = len(source)
+    peek = source.peek if source.decode is not None else (lambda item: item)
+    sizes = []
+    if n and peek is not None:
+        for i in np.unique(np.linspace(0, n - 1, min(sample, n)).round().astype(int)):
+            try:
+                h, w = stored_shape(*read_size(peek(source.items[i])), policy)
+            except DataError:
+                continue
+            sizes.append(h * w)
+    if sizes:
+        per_image = float(np.mean(sizes)) * 1.25
+    else:
+        side = policy.short or 256
+        per_image = side * side * 4 / 3
+    return int(n * per_image * policy.channels)
+
+
 def prepare(
     source: SplitSource,
     policy: StorePolicy,
@@ -204,10 +235,9 @@ def prepare(
             f"cannot create the cache folder '{folder.parent}' ({exc.strerror}); "
             "set data.cache_dir to a writable folder"
         ) from None
-    side = policy.short or 256
     check_free_space(
         folder.parent,
-        len(source) * side * side * policy.channels * 4 // 3,
+        estimate_bytes(source, policy),
         f"the image cache of {source.dataset}/{source.split}",
         elsewhere="another cache folder with data.cache_dir",
     )

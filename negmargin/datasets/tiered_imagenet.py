@@ -78,7 +78,7 @@ def read_labels(path: Path) -> dict[str, Any]:
 
 
 class PickledImages:
-    """The PNG list of one split; ``pop(i)`` hands out item i and forgets it."""
+    """The PNG list of one split; calling it with i hands out item i and forgets it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -96,12 +96,17 @@ class PickledImages:
             self._items = list(items)
         return self._items
 
-    def __call__(self, index: int) -> bytes:
-        items = self.load()
-        value, items[index] = items[index], None  # decoded once; free the PNG bytes
+    def peek(self, index: int) -> bytes:
+        """Item ``index``, left in place."""
+        value = self.load()[index]
         if value is None:
             raise DataError(f"'{self.path}' item {index} was already decoded")
         return value.tobytes() if isinstance(value, np.ndarray) else bytes(value)
+
+    def __call__(self, index: int) -> bytes:
+        payload = self.peek(index)
+        self.load()[index] = None  # decoded once; free the PNG bytes
+        return payload
 
 
 def read_tiered_imagenet(root: str | Path, split: str, **options) -> SplitSource:
@@ -116,6 +121,7 @@ def read_tiered_imagenet(root: str | Path, split: str, **options) -> SplitSource
         if not p.is_file():
             raise DataError(f"tieredImageNet file '{p}' does not exist. {HOW}")
     labels = read_labels(labels_path)
+    images = PickledImages(images_path)
     specific = np.asarray(labels["label_specific"], dtype=np.int64)
     general = np.asarray(labels["label_general"], dtype=np.int64)
     specific_names = [_text(s) for s in labels["label_specific_str"]]
@@ -136,7 +142,8 @@ def read_tiered_imagenet(root: str | Path, split: str, **options) -> SplitSource
         items=list(range(len(specific))),
         layout=f"tieredImageNet pickles {images_path.name} + {labels_path.name}",
         fingerprint=listing_fingerprint([images_path, labels_path], extra="tiered/" + split),
-        decode=PickledImages(images_path),
+        decode=images,
+        peek=images.peek,
         metadata={
             "general_categories": [category.get(i, "") for i in range(len(specific_names))],
             "n_general": len(general_names),
