@@ -278,6 +278,12 @@ def cpu_workers(device: torch.device, threads: int = 0) -> int:
     return 1 if device.type != "cpu" else max(1, torch.get_num_threads())
 
 
+def one_core(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The fine-tune's many tiny batched ops run on one core each on a CPU (see
+    :func:`negmargin.meta_test.run_episodes` for the measurements); a GPU parallelises them itself."""
+    return intra_op_threads(1) if device.type == "cpu" else contextlib.nullcontext()
+
+
 @dataclass
 class FittedHeads:
     """Heads fine-tuned on E episodes' support sets, ready to score queries."""
@@ -288,16 +294,20 @@ class FittedHeads:
     head: HeadState
     normalized: bool = False  # support (and queries given to scores) are unit rows
 
-    def scores(self, query: Tensor | None = None) -> Tensor:
-        """(E, q, K) cosines of queries with the fine-tuned rows (× T gives the logits).
-
-        ``query``: (E, q, D), or None for the queries given to :func:`fit_heads`."""
-        grams = (
-            self.grams
-            if query is None
-            else compute_grams(self.support, self.init, query.float(), self.normalized)
-        )
+    def scores(self, query: Tensor) -> Tensor:
+        """(E, q, D) query features → (E, q, K) cosines with the fine-tuned rows (× T gives the logits)."""
+        grams = compute_grams(self.support, self.init, query.float(), self.normalized)
         return query_scores(grams, self.head)
+
+    def scores_from(self, table: Tensor, index: Tensor) -> Tensor:
+        """Like :meth:`scores` for the queries ``table[index]``: ``table`` (N, D) unit rows (a
+        split's features, normalised once), ``index`` (E, q). The query rows are never gathered
+        into one (E, q, D) copy (:func:`query_products`)."""
+        if not self.normalized:
+            raise ValueError("scores_from needs heads fitted on normalised support rows")  # a caller's bug
+        with one_core(table.device):
+            QW, QX = query_products(table, index, self.init, self.support)
+            return query_scores(replace(self.grams, QW=QW, QX=QX), self.head)
 
 
 def fit_heads(
@@ -307,32 +317,22 @@ def fit_heads(
     episode_ids: Tensor | np.ndarray | list[int],
     settings: FinetuneConfig,
     steps: int,
-    query: Tensor | None = None,
     normalized: bool = False,
-    query_index: Tensor | None = None,
 ) -> FittedHeads:
     """Fine-tune a fresh ``n_way``-row cosine head per episode: the one call the meta-test
-    and :class:`negmargin.predict.FewShotClassifier` share.
+    and :class:`negmargin.predict.FewShotClassifier` share; score queries with the result's
+    :meth:`FittedHeads.scores` or :meth:`FittedHeads.scores_from`.
 
     Args:
         support: (E, n, D) support features; support_labels: (E, n) in 0..n_way-1.
         episode_ids: (E,) ids that seed each episode's head init and batch order.
-        query: (E, q, D) query features to prepare scores for, optional; or, with
-            ``query_index`` (E, q), the (N, D) table the query rows are taken from.
-        normalized: the support and query rows are unit vectors already.
+        normalized: the support rows (and the queries scored later) are unit vectors already.
     """
     E, n, dim = support.shape
     init, orders = episode_randomness(episode_ids, n_way, dim, n, settings, steps)
     init = init.to(support.device)
     support = support.float()
-    # The SGD steps are hundreds of tiny batched ops: on a CPU one core each (see
-    # negmargin.meta_test.run_episodes for the measurements); a GPU parallelises them itself.
-    with intra_op_threads(1) if support.device.type == "cpu" else contextlib.nullcontext():
-        if query_index is None:
-            grams = compute_grams(support, init, None if query is None else query.float(), normalized)
-        else:
-            assert query is not None and normalized, "query_index needs the normalised (N, D) table"
-            QW, QX = query_products(query, query_index, init, support)
-            grams = replace(compute_grams(support, init, None, normalized), QW=QW, QX=QX)
+    with one_core(support.device):
+        grams = compute_grams(support, init, None, normalized)
         head = finetune(grams, support_labels, orders, settings, steps)
     return FittedHeads(support, init, grams, head, normalized)

@@ -164,11 +164,9 @@ def run_episodes(
             episode_ids[start:stop],
             settings,
             steps,
-            normed,
             normalized=True,
-            query_index=query_index,
         )
-        pred = heads.scores().argmax(-1)
+        pred = heads.scores_from(normed, query_index).argmax(-1)
         out[start:stop] = (pred == query_labels).double().mean(-1).mul(100).cpu().numpy()
         bar.update(m)
 

@@ -14,6 +14,7 @@ from negmargin.finetune import (
     compute_grams,
     episode_randomness,
     finetune,
+    fit_heads,
     query_scores,
     step_positions,
 )
@@ -53,6 +54,23 @@ def test_uneven_shots_match_reference():
     ref_w, ref_pred = reference_episode(support, labels, query, init[0], orders[0], s, steps)
     assert (ref_w - head.weights(support[None], init)[0].float()).abs().max() <= 1e-4
     assert torch.equal(ref_pred, query_scores(grams, head)[0].argmax(-1))
+
+
+def test_scores_from_a_table_equal_scores_of_the_gathered_queries():
+    """The meta-test's path (queries as rows of one normalised table, never gathered) and the
+    plain one (an (E, q, D) query tensor) give the same cosines; 40 episodes cross a query block."""
+    torch.manual_seed(3)
+    table = torch.nn.functional.normalize(torch.relu(torch.randn(300, 64)), dim=-1)
+    E, K, shot, q = 40, 5, 1, 15
+    index = torch.randint(0, 300, (E, K * (shot + q)))
+    support, queries = table[index[:, : K * shot]], index[:, K * shot :]
+    labels = torch.arange(K).repeat_interleave(shot).expand(E, K * shot)
+    heads = fit_heads(support, labels, K, torch.arange(E), FinetuneConfig(), 150, normalized=True)
+    from_table = heads.scores_from(table, queries)
+    gathered = heads.scores(table[queries])
+    assert from_table.shape == (E, K * q, K)
+    assert torch.allclose(from_table, gathered, rtol=0, atol=1e-12)
+    assert torch.equal(from_table.argmax(-1), gathered.argmax(-1))
 
 
 def test_batch_orders_keep_the_last_partial_batch_and_reshuffle():
