@@ -23,6 +23,12 @@ def _init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+class Backbone(nn.Module):
+    """An image → flat feature extractor: ``forward`` maps (B, C, H, W) to (B, num_features)."""
+
+    num_features: int
+
+
 class ConvBlock(nn.Module):
     """Conv3×3 (bias) → BatchNorm → ReLU → MaxPool 2, computed as … → MaxPool 2 → ReLU.
 
@@ -49,7 +55,7 @@ class ConvBlock(nn.Module):
         return self.layers(x)
 
 
-class Conv4(nn.Module):
+class Conv4(Backbone):
     """Four 64-channel conv blocks; (B, C, 84, 84) → (B, 64·5·5 = 1600).
 
     At 28×28 (Omniglot) the output is (B, 64·1·1 = 64).
@@ -98,7 +104,7 @@ class BasicBlock(nn.Module):
         return self.max_pool(out)
 
 
-class ResNet12(nn.Module):
+class ResNet12(Backbone):
     """Blocks of 64-160-320-640 channels, global average pool; (B, C, 84, 84) → (B, 640).
 
     DropBlock exists in the reference code but its rate is 0 in every Neg-Margin
@@ -121,10 +127,10 @@ class ResNet12(nn.Module):
         return torch.flatten(x.mean(dim=(2, 3)), 1)
 
 
-BACKBONES: dict[str, type[nn.Module]] = {"conv4": Conv4, "resnet12": ResNet12}
+BACKBONES: dict[str, type[Backbone]] = {"conv4": Conv4, "resnet12": ResNet12}
 
 
-def build_backbone(name: str, in_channels: int = 3, image_size: int = 84) -> nn.Module:
+def build_backbone(name: str, in_channels: int = 3, image_size: int = 84) -> Backbone:
     if name not in BACKBONES:
         raise ConfigError(
             f"unknown backbone '{name}' (config key model.backbone); valid names: "

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .backbones import build_backbone
+from .backbones import Backbone, build_backbone
 from .checkpoint import load_checkpoint, load_model_weights
 from .head import NegMarginHead
 
@@ -25,14 +25,14 @@ class FewShotModel(nn.Module):
     the backbone is in reduced precision. For features alone call ``model.backbone``.
     """
 
-    def __init__(self, backbone: nn.Module, head: NegMarginHead) -> None:
+    def __init__(self, backbone: Backbone, head: NegMarginHead) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
 
     @property
     def num_features(self) -> int:
-        return int(self.backbone.num_features)  # type: ignore[arg-type]
+        return self.backbone.num_features
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         feats = self.backbone(images)
@@ -45,7 +45,7 @@ def build_model(cfg: Config, num_classes: int) -> FewShotModel:
     """Backbone and head from a config: ``num_classes`` rows of the training head."""
     backbone = build_backbone(cfg.model.backbone, cfg.data.channels, cfg.data.image_size)
     head = NegMarginHead(
-        int(backbone.num_features),  # type: ignore[arg-type]
+        backbone.num_features,
         num_classes,
         metric=cfg.model.head,
         margin=cfg.model.margin,
