@@ -13,10 +13,11 @@ logo or a cut-out look like paper rather than like black.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,19 +80,17 @@ def to_array(img: Image.Image, channels: int = 3) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def read_image(source: str | Path | bytes, channels: int = 3, name: str | None = None) -> np.ndarray:
-    """Decode a file path or encoded bytes to (H, W, channels) uint8.
-
-    Raises :class:`DataError` naming the file if it cannot be decoded.
-    """
+@contextlib.contextmanager
+def open_image(source: str | Path | bytes, name: str | None = None) -> Iterator[Image.Image]:
+    """A file path or encoded bytes opened by PIL (pixels not decoded yet); any failure in the
+    block, opening or decoding, becomes a :class:`DataError` naming the file (``name`` if given)."""
     label = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(handle) as img:
-                img.load()
-                return to_array(img, channels)
+                yield img
     except FileNotFoundError:
         raise DataError(f"image file '{label}' does not exist") from None
     except UnidentifiedImageError:
@@ -100,23 +99,22 @@ def read_image(source: str | Path | bytes, channels: int = 3, name: str | None =
         raise DataError(f"cannot decode image '{label}': {exc}") from None
 
 
-def read_size(source: str | Path | bytes) -> tuple[int, int]:
-    """(height, width) of an image file or encoded bytes from its header, without decoding
-    the pixels (EXIF orientation not applied: the area is what callers need).
+def read_image(source: str | Path | bytes, channels: int = 3, name: str | None = None) -> np.ndarray:
+    """Decode a file path or encoded bytes to (H, W, channels) uint8.
 
-    Raises :class:`DataError` if it is not an image PIL can open.
+    Raises :class:`DataError` naming the file if it cannot be decoded.
     """
-    try:
-        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(handle) as img:
-                width, height = img.size
-                return height, width
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
-        raise DataError(
-            f"cannot read the size of image '{source if isinstance(source, (str, Path)) else '<bytes>'}': {exc}"
-        ) from None
+    with open_image(source, name) as img:
+        img.load()
+        return to_array(img, channels)
+
+
+def read_size(source: str | Path | bytes) -> tuple[int, int]:
+    """(height, width) of an image file or encoded bytes, read from its header without decoding
+    the pixels (EXIF orientation not applied: callers need the area). DataError if unreadable."""
+    with open_image(source) as img:
+        width, height = img.size
+        return height, width
 
 
 def as_uint8(image: ImageLike, channels: int = 3, name: str = "image") -> np.ndarray:
