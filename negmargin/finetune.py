@@ -140,11 +140,7 @@ def compute_grams(
     same per-row operation, without a pass over the gathered copies).
     """
     xs = support if normalized else F.normalize(support, dim=-1, eps=EPS)
-    QW = QX = None
-    if query is not None:
-        qs = query if normalized else F.normalize(query, dim=-1, eps=EPS)
-        QW = (qs @ init.transpose(1, 2)).double()
-        QX = (qs @ xs.transpose(1, 2)).double()
+    QW, QX = (None, None) if query is None else query_grams(query, init, xs, normalized)
     return Grams(
         G=(xs @ xs.transpose(1, 2)).double(),
         P=(init @ xs.transpose(1, 2)).double(),
@@ -152,6 +148,13 @@ def compute_grams(
         QW=QW,
         QX=QX,
     )
+
+
+def query_grams(query: Tensor, init: Tensor, xs: Tensor, normalized: bool = False) -> tuple[Tensor, Tensor]:
+    """QW = Q̂ W0ᵀ (E, q, K) and QX = Q̂ X̂ᵀ (E, q, n), float64, for (E, q, D) queries and unit
+    support rows ``xs`` (E, n, D); ``normalized``: the queries are unit rows already."""
+    qs = query if normalized else F.normalize(query, dim=-1, eps=EPS)
+    return (qs @ init.transpose(1, 2)).double(), (qs @ xs.transpose(1, 2)).double()
 
 
 QUERY_BLOCK = 32  # episodes whose query rows are gathered at once (~15 MB at 75 × 1600-d: cache-sized)
@@ -296,8 +299,9 @@ class FittedHeads:
 
     def scores(self, query: Tensor) -> Tensor:
         """(E, q, D) query features → (E, q, K) cosines with the fine-tuned rows (× T gives the logits)."""
-        grams = compute_grams(self.support, self.init, query.float(), self.normalized)
-        return query_scores(grams, self.head)
+        xs = self.support if self.normalized else F.normalize(self.support, dim=-1, eps=EPS)
+        QW, QX = query_grams(query.float(), self.init, xs, self.normalized)
+        return query_scores(replace(self.grams, QW=QW, QX=QX), self.head)  # support Grams kept
 
     def scores_from(self, table: Tensor, index: Tensor) -> Tensor:
         """Like :meth:`scores` for the queries ``table[index]``: ``table`` (N, D) unit rows (a
