@@ -81,6 +81,7 @@ def aggregate(results: list[dict], settings: tuple[Setting, ...]) -> list[dict]:
             "temperature": rs[0].get("temperature"),
             "seeds": len(rs),
             "train_minutes": float(np.mean([r["train_seconds"] for r in rs])) / 60,
+            "resumed": any(r.get("resumed") for r in rs),
             "images_per_second": float(np.mean(speeds)) if speeds else None,
             "best_epochs": [r["best_epoch"] for r in rs],
             "best_val_1shot": float(np.mean([r["best_val_1shot"] for r in rs])),
@@ -356,7 +357,8 @@ def markdown(
         for r in rows:
             speed = f"{r['images_per_second']:.0f}" if r.get("images_per_second") else "–"
             val = f" {r['best_val_1shot']:.2f} |" if best else ""
-            extra = f" {r['best_epochs']} | {r['train_minutes']:.1f} min | {speed} |" if best else ""
+            minutes = f"{r['train_minutes']:.1f} min" + (" (resumed)" if r.get("resumed") else "")
+            extra = f" {r['best_epochs']} | {minutes} | {speed} |" if best else ""
             lines.append(
                 f"| {r['setting']} | {r['seeds']} |{val} {_cell(r, which + '_base_accuracy')} | "
                 f"{_cell(r, which + '_novel_1shot')} | {_cell(r, which + '_novel_5shot')} |{extra}"
@@ -365,8 +367,8 @@ def markdown(
     lines += [
         "± is the 95% CI half-width over the 2000 test episodes or the held-out base images (averaged "
         "over seeds); sd is the standard "
-        "deviation across seeds; train time per run on this 2-core CPU (a run resumed after an "
-        "interruption counts only its last part); img/s from the median logged iteration time.",
+        "deviation across seeds; train time per run on this 2-core CPU (a run marked resumed "
+        "counts only the part after its last interruption: 0 for a finished run scored again); img/s from the median logged iteration time.",
         "",
         *paired_markdown(pairs or [], study.settings),
         *seeds_markdown(seed_pairs or [], study.settings),
