@@ -75,7 +75,7 @@ def rescore(wd: Path, cfg, n_episodes: int) -> dict[int, dict]:
         epoch = int(path.stem.split("_")[1])
         if epoch in done:
             continue
-        model, _ = load_trained_model(cfg, path, cpu.device)
+        model, _ = load_trained_model(cfg, path, cpu.device, channels_last=cfg.train.channels_last == "on")
         feats = extract_features(model.backbone, val, cfg, cpu, progress=False, indices=used.numpy())
         r = meta_test_episodes(feats, local, ev, cfg.finetune, progress=False)
         done[epoch] = {"mean": r.mean, "ci95": r.ci95}

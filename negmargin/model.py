@@ -60,17 +60,18 @@ def load_trained_model(
     checkpoint_path: str | Path,
     device: torch.device,
     ckpt: dict[str, Any] | None = None,
-    channels_last: bool | None = None,
+    *,
+    channels_last: bool,
 ) -> tuple[FewShotModel, dict[str, Any]]:
     """The model of ``cfg`` with the checkpoint's weights, in eval mode, on ``device``.
 
     ``ckpt``: the checkpoint if already loaded (so a caller reads the file once).
-    ``channels_last``: memory format; None = the config's ``train.channels_last``.
+    ``channels_last``: the memory format, as the caller's ``Runtime`` resolved it.
     """
     ckpt = load_checkpoint(checkpoint_path) if ckpt is None else ckpt
     model = build_model(cfg, int(ckpt["model"]["head.weight"].shape[0]))
     load_model_weights(model, ckpt, checkpoint_path, cfg.model.backbone)
     model = model.to(device).eval()
-    if cfg.train.channels_last == "on" if channels_last is None else channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return model, ckpt

@@ -155,7 +155,7 @@ def summarise(state: TrainState, work_dir: Path, seconds: float, log: RunLog) ->
 
 
 def check_num_classes(cfg: Config, train_split: PackedSplit) -> int:
-    num_classes = int(cfg.model.num_classes or train_split.num_classes)
+    num_classes = train_split.num_classes if cfg.model.num_classes is None else cfg.model.num_classes
     if num_classes < train_split.num_classes:
         raise ConfigError(
             f"model.num_classes={num_classes} but the train split has {train_split.num_classes} "
