@@ -25,13 +25,15 @@ from .model import load_trained_model
 from .runtime import main_first, resolve, start_run
 
 
-def results_name(checkpoint: str | Path, digest: str, cfg: Config, split: str, ev: EvalConfig) -> str:
+def results_name(
+    checkpoint: str | Path, digest: str, cfg: Config, split: str, episodes_cfg: EvalConfig
+) -> str:
     """``meta_test_<split>_<N>way-<K>shot_<checkpoint name>_<key>.json``: the key hashes the
     checkpoint's content and every setting that changes the numbers, so results of different
     checkpoints or settings never replace each other (the same test run again rewrites its own)."""
-    settings = (digest, cfg.data.dataset, cfg.data.root, split, asdict(ev), asdict(cfg.finetune))
+    settings = (digest, cfg.data.dataset, cfg.data.root, split, asdict(episodes_cfg), asdict(cfg.finetune))
     key = hashlib.sha256(repr(settings).encode()).hexdigest()[:8]
-    return f"meta_test_{split}_{ev.n_way}way-{ev.n_shot}shot_{Path(checkpoint).stem}_{key}.json"
+    return f"meta_test_{split}_{episodes_cfg.n_way}way-{episodes_cfg.n_shot}shot_{Path(checkpoint).stem}_{key}.json"
 
 
 def check_no_leak(

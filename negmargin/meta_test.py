@@ -184,14 +184,14 @@ def run_episodes(
 def meta_test_episodes(
     features: Tensor,
     episodes: Tensor,
-    ev: EvalConfig,
-    ft: FinetuneConfig,
+    episodes_cfg: EvalConfig,
+    finetune_cfg: FinetuneConfig,
     progress: bool = True,
     desc: str = "meta-test",
 ) -> MetaTestResult:
     """Meta-test given episodes; under torchrun each rank runs a strided share and the
     per-episode accuracies are gathered, so every rank returns the single-process result."""
-    steps = ev.resolved_steps
+    steps = episodes_cfg.resolved_steps
     ids = torch.arange(len(episodes))
     rank, world = dist.rank(), dist.world_size()
     mine = ids[rank::world]
@@ -199,8 +199,8 @@ def meta_test_episodes(
         features,
         episodes[mine],
         mine,
-        ev.n_shot,
-        ft,
+        episodes_cfg.n_shot,
+        finetune_cfg,
         steps,
         progress=progress and rank == 0,
         desc=desc,
@@ -210,28 +210,28 @@ def meta_test_episodes(
         for part_ids, part in dist.all_gather_object((mine.numpy(), accs)):
             full[part_ids] = part
         accs = full
-    return MetaTestResult(accs, ev.n_way, ev.n_shot, ev.n_query, steps)
+    return MetaTestResult(accs, episodes_cfg.n_way, episodes_cfg.n_shot, episodes_cfg.n_query, steps)
 
 
 def run_meta_test(
     features: Tensor,
     labels: np.ndarray,
-    ev: EvalConfig,
-    ft: FinetuneConfig,
+    episodes_cfg: EvalConfig,
+    finetune_cfg: FinetuneConfig,
     class_names: list[str] | None = None,
     where: str = "split",
     progress: bool = True,
     desc: str = "meta-test",
 ) -> MetaTestResult:
-    """Draw ``ev``'s episodes from a split and meta-test them."""
+    """Draw ``episodes_cfg``'s episodes from a split and meta-test them."""
     episodes = sample_episodes(
         labels,
-        ev.n_way,
-        ev.n_shot,
-        ev.n_query,
-        ev.n_episodes,
-        seed=ev.episode_seed,
+        episodes_cfg.n_way,
+        episodes_cfg.n_shot,
+        episodes_cfg.n_query,
+        episodes_cfg.n_episodes,
+        seed=episodes_cfg.episode_seed,
         class_names=class_names,
         where=where,
     )
-    return meta_test_episodes(features, episodes, ev, ft, progress, desc)
+    return meta_test_episodes(features, episodes, episodes_cfg, finetune_cfg, progress, desc)
