@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from train_speed import make_jpegs, our_batches, timed_steps, train_step  # noqa: E402
+from common import make_jpegs, our_batches, timed_steps, train_step  # noqa: E402
 
 from negmargin.augment import sample_params, train_batch  # noqa: E402
 from negmargin.config import AugmentConfig, Config, load_config  # noqa: E402

@@ -39,8 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from metatest import CpuBurner  # noqa: E402
-from train_speed import make_jpegs, our_batches, timed_steps, train_step  # noqa: E402
+from common import CpuBurner, make_jpegs, our_batches, timed_steps, train_step  # noqa: E402
 
 from negmargin.config import Config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402

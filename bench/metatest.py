@@ -23,7 +23,6 @@ after the other).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 import sys
 import time
@@ -34,6 +33,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import CpuBurner  # noqa: E402
 
 from negmargin.episodes import sample_episodes  # noqa: E402
 from negmargin.finetune import (  # noqa: E402
@@ -50,25 +51,6 @@ from negmargin.testing import reference_episode  # noqa: E402  (the reference th
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _burn() -> None:
-    while True:
-        pass
-
-
-class CpuBurner:
-    """A second process spinning on one core for the duration of a ``with`` block."""
-
-    def __enter__(self):
-        self.proc = multiprocessing.get_context("spawn").Process(target=_burn, daemon=True)
-        self.proc.start()
-        time.sleep(0.5)  # let it reach the loop
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.join()
 
 
 def ops_on_all_cores(feats, episodes, ids, shot, s, steps) -> np.ndarray:

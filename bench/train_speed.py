@@ -42,13 +42,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bound import clock_ghz, cores, peak_flops, training_flops_per_image  # noqa: E402
+from common import make_jpegs, our_batches, timed_steps, train_step  # noqa: E402
 
 from negmargin.augment import sample_params  # noqa: E402
 from negmargin.config import Config  # noqa: E402
@@ -56,19 +56,6 @@ from negmargin.datasets import load_split  # noqa: E402
 from negmargin.loader import TrainLoader  # noqa: E402
 from negmargin.model import FewShotModel, build_model  # noqa: E402
 from negmargin.runtime import Runtime, cpu_info, native_bf16  # noqa: E402
-
-
-def make_jpegs(root: Path, n_classes: int, per_class: int) -> None:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500] / 500
-    for c in range(n_classes):
-        folder = root / f"class{c:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            phase = rng.uniform(0, 6, 3)
-            img = np.stack([127 + 90 * np.sin(7 * xx * (k + 1) + 5 * yy + phase[k]) for k in range(3)], -1)
-            img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(folder / f"{i:04d}.jpg", quality=90)
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -95,20 +82,6 @@ class PILDataset(torch.utils.data.Dataset):
             img = ops[op](img).enhance(float(p.jitter[0][op]))
         x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1)
         return (x - self.mean) / self.std, self.labels[i]
-
-
-def train_step(model: FewShotModel, opt, rt: Runtime, x, y) -> None:
-    """One step of negmargin.train.run's loop: autocast forward, loss, backward, SGD."""
-    device = rt.device
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    with rt.autocast():
-        logits, _ = model(x, y)
-    loss = F.cross_entropy(logits, y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def activation_before_pool(model: FewShotModel) -> FewShotModel:
@@ -150,29 +123,10 @@ def paired_steps(variants: dict, batches: dict, warmup: int, steps: int, batch_s
     return out
 
 
-def our_batches(loader: TrainLoader):
-    epoch = 0
-    while True:
-        for x, y, _ in loader.epoch(epoch):
-            yield x, y
-        epoch += 1
-
-
 def dataloader_batches(dl, memory_format):
     while True:
         for x, y in dl:
             yield x.contiguous(memory_format=memory_format), y
-
-
-def timed_steps(step, batches, warmup: int, steps: int, batch_size: int = 64) -> float:
-    """Images/s over ``steps`` consecutive steps after ``warmup`` (wall time, data waits included)."""
-    it = iter(batches)
-    for _ in range(warmup):
-        step(*next(it))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(*next(it))
-    return batch_size * steps / (time.perf_counter() - t0)
 
 
 def main() -> None:
