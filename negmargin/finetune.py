@@ -50,6 +50,9 @@ class FinetuneConfig:
     batch_size: int = 4
     temperature: float = 5.0
     seed: int = 0  # head init and support shuffling
+    # Execution knobs, not hyperparameters: speed and memory, not the method. chunk_size and
+    # threads change no number (an episode's result depends only on its id; tests/test_finetune.py
+    # checks it); feature_batch_size can move the features by float rounding only.
     chunk_size: int = 0  # episodes fine-tuned at once; 0 = chosen from memory and cores
     threads: int = 0  # chunks fine-tuned at once on a CPU, one core each; 0 = all of torch's threads
     feature_batch_size: int = 128  # images per forward pass when extracting
