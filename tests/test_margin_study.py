@@ -74,6 +74,7 @@ def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
         ("cosine", -0.05, 1): items(0.9, -0.05),
     }
     runs = [_run(out, head, m, seed, it) for (head, m, seed), it in scores.items()]
+    runs[3]["resumed"] = True  # m = -0.05, seed 1: its train time covers only the last part
     args = argparse.Namespace(dataset="mini_imagenet", precision="bf16", tag="", cfg_options=[], combine=None)
     rows = write_report(args, STUDIES["mini_imagenet"], out, runs)
     result = json.loads((out / "results.json").read_text())
@@ -100,6 +101,9 @@ def test_report_pairs_runs_against_m0_and_seeds_against_each_other(tmp_path):
     assert abs(seeds[0.0]["final_novel_1shot_delta"] - 0.8) < 0.3
 
     md = (out / "results.md").read_text()
+    rows_md = {line.split(" | ")[0]: line for line in md.splitlines() if " min" in line}  # the best-val table
+    assert "[10, 10] | 1.0 min (resumed) | 300 |" in rows_md["| cosine T=10 m=-0.05"]
+    assert "[10, 10] | 1.0 min | 300 |" in rows_md["| cosine T=10 m=0"]
     mean = (pairs[0]["final_novel_1shot_delta"] + pairs[1]["final_novel_1shot_delta"]) / 2
     sd = abs(pairs[0]["final_novel_1shot_delta"] - pairs[1]["final_novel_1shot_delta"]) / np.sqrt(2)
     assert "| cosine T=10 m=-0.05 | mean of 2 |" in md
