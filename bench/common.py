@@ -22,6 +22,7 @@ from negmargin.runtime import Runtime
 
 
 def make_jpegs(root: Path, n_classes: int, per_class: int) -> None:
+    """``root/classNNN/NNNN.jpg``: CUB-sized (500 × 375) noisy stripes, quality 90, seeded."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:375, 0:500] / 500
     for c in range(n_classes):
@@ -49,6 +50,7 @@ def train_step(model: FewShotModel, opt, rt: Runtime, x, y) -> None:
 
 
 def our_batches(loader: TrainLoader):
+    """(images, labels) of our loader, epoch after epoch, without end."""
     epoch = 0
     while True:
         for x, y, _ in loader.epoch(epoch):
