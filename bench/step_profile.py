@@ -1,14 +1,16 @@
 """Where a training step's time goes, by operator: the profile behind docs/benchmarks.md.
 
     python bench/step_profile.py [--backbone conv4] [--precision fp32] [--steps 5]
-        [--before] [--by-shape]
+        [--before] [--malloc system] [--by-shape]
 
 Model only (forward + cross-entropy on a linear head + backward + SGD), batch 64,
 84×84, channels-last, random data, after 3 warm-up steps; PyTorch's profiler over
 ``--steps`` steps. Prints the step time and the operators by self CPU time.
 ``--before`` times Conv4 with its blocks in the order they had before #29 (ReLU
-before max pooling; bit-identical results), ``--by-shape`` splits each operator by
-its input shapes (which layer it is).
+before max pooling; bit-identical results), ``--malloc system`` with glibc's default
+malloc instead of training's ``train.cpu_malloc="retain"`` (the kernel's page faults then
+add system time that the operator table does not show), ``--by-shape`` splits each
+operator by its input shapes (which layer it is).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from negmargin.backbones import build_backbone  # noqa: E402
-from negmargin.runtime import cpu_info  # noqa: E402
+from negmargin.runtime import cpu_info, retain_freed_memory  # noqa: E402
 
 
 def main() -> None:
@@ -36,9 +38,12 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--before", action="store_true", help="Conv4: ReLU before pooling")
+    parser.add_argument("--malloc", choices=["retain", "system"], default="retain")
     parser.add_argument("--by-shape", action="store_true")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
+    if args.malloc == "retain":
+        retain_freed_memory(True)  # as a training run sets it
     torch.manual_seed(0)
     backbone = build_backbone(args.backbone)
     if args.before:
@@ -66,7 +71,8 @@ def main() -> None:
         step()
     dt = (time.perf_counter() - t0) / args.steps
     print(
-        f"{args.backbone} {args.precision} channels-last{' (ReLU before pool)' if args.before else ''} "
+        f"{args.backbone} {args.precision} channels-last{' (ReLU before pool)' if args.before else ''}, "
+        f"malloc {args.malloc} "
         f"on {cpu_info()[0]}, {torch.get_num_threads()} threads: {dt * 1000:.0f} ms/step, {64 / dt:.1f} img/s"
     )
     with profile(activities=[ProfilerActivity.CPU], record_shapes=args.by_shape) as prof:

@@ -13,11 +13,15 @@ channels-last), in one run:
   (3) the usual pipeline: torch DataLoader with worker processes, each decoding
       the JPEG and applying the same augmentation per image with PIL → the same step.
 
-and, for Conv4, (1) and (2) again with the blocks in the order they had before pooling
-moved ahead of the ReLU (#29; bit-identical results) — "before" below. The two
-alternate step by step (the first of each pair alternating too), so that both see the
-same machine: its speed here drifts by ±20% over minutes, more than the difference
-measured. now/before is the median of the paired step-time ratios.
+and (1) and (2) again as training ran before #29's changes — "before" below, with
+``--before``: ``all`` (default) both changes, ``order`` Conv4's blocks in the order they had
+before pooling moved ahead of the ReLU, ``malloc`` glibc's default malloc instead of
+``train.cpu_malloc="retain"`` (both changes give bit-identical results). Now and before
+each run in a process of their own (the allocator's state is per process) and alternate
+step by step (the first of each pair alternating too), so that both see the same machine:
+its speed here drifts by ±20% over minutes, more than the difference measured.
+now/before is the median of the paired step-time ratios. (3) runs in this process, with
+the allocator set as training sets it.
 
 Prints images/s for each, the ratios (2)/(1), (2)/(3) and now/before, and the share of the machine's
 arithmetic bound that (1) and (2) reach (``bound.py``: FLOP per image counted, peak FLOP/s
@@ -33,6 +37,7 @@ import argparse
 import functools
 import itertools
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -55,7 +60,7 @@ from negmargin.config import Config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
 from negmargin.loader import TrainLoader  # noqa: E402
 from negmargin.model import FewShotModel, build_model  # noqa: E402
-from negmargin.runtime import Runtime, cpu_info, native_bf16  # noqa: E402
+from negmargin.runtime import Runtime, cpu_info, native_bf16, retain_freed_memory  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -104,23 +109,68 @@ def make_step(cfg: Config, num_classes: int, rt: Runtime, before: bool):
     return model, functools.partial(train_step, model, opt, rt)
 
 
-def paired_steps(variants: dict, batches: dict, warmup: int, steps: int, batch_size: int = 64) -> dict:
-    """Steps of the variants ``{"now": step[, "before": step]}`` alternated one by one.
+def variant_worker(
+    conn, cfg_raw: dict, num_classes: int, device: str, before_order: bool, retain: bool
+) -> None:
+    """One variant's training step in a process of its own, stepping when told.
+
+    Receives "memory" (a step on a fixed batch) or "ours" (a step on our input path's
+    next batch) and answers with the step's wall time; None ends it."""
+    if retain:
+        retain_freed_memory(True)
+    cfg = Config.from_dict(cfg_raw).validate()
+    rt = Runtime(torch.device(device), cfg.train.precision, cfg.train.channels_last == "on")
+    _, step = make_step(cfg, num_classes, rt, before=before_order)
+    fixed = torch.randn(64, 3, 84, 84, generator=torch.Generator().manual_seed(0))
+    fixed = (
+        fixed.to(rt.device).contiguous(memory_format=rt.memory_format),
+        torch.arange(64).to(rt.device) % num_classes,
+    )
+    ours = None
+    while (what := conn.recv()) is not None:
+        if what == "ours" and ours is None:
+            packed = load_split(cfg, "train", progress=False, log=lambda _: None)  # the parent said it
+            ours = our_batches(TrainLoader(packed, cfg, 64, rt.device, channels_last=rt.channels_last))
+        t0 = time.perf_counter()
+        step(*(fixed if what == "memory" else next(ours)))
+        conn.send(time.perf_counter() - t0)
+
+
+def paired_steps(workers: dict, what: str, warmup: int, steps: int, batch_size: int = 64) -> dict:
+    """Steps of the variants ``{"now": conn, "before": conn}`` (pipes to ``variant_worker``
+    processes) alternated one by one, on ``what`` ("memory" or "ours").
 
     Returns each one's images/s over its own steps (data waits included) and ``ratio``:
     the median over the pairs of before's step time / now's."""
-    its = {k: iter(b) for k, b in batches.items()}
-    times: dict[str, list[float]] = {k: [] for k in variants}
+    times: dict[str, list[float]] = {k: [] for k in workers}
     for i in range(warmup + steps):
-        for k in variants if i % 2 == 0 else reversed(list(variants)):
-            t0 = time.perf_counter()
-            variants[k](*next(its[k]))
+        for k in workers if i % 2 == 0 else reversed(list(workers)):
+            workers[k].send(what)
+            dt = workers[k].recv()
             if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(dt)
     out = {k: batch_size * len(v) / sum(v) for k, v in times.items()}
-    if "before" in times:
-        out["ratio"] = statistics.median(b / a for a, b in zip(times["now"], times["before"]))
+    out["ratio"] = statistics.median(b / a for a, b in zip(times["now"], times["before"]))
     return out
+
+
+def start_workers(cfg_raw: dict, num_classes: int, device: str, name: str, before: str) -> tuple[dict, list]:
+    """The now and before variants' processes (spawned: a fresh allocator each)."""
+    ctx = multiprocessing.get_context("spawn")
+    specs = {
+        "now": (False, True),
+        "before": (before in ("all", "order") and name == "conv4", before == "order"),
+    }
+    conns, procs = {}, []
+    for k, (before_order, retain) in specs.items():
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=variant_worker, args=(child, cfg_raw, num_classes, device, before_order, retain)
+        )
+        proc.start()
+        conns[k] = parent
+        procs.append(proc)
+    return conns, procs
 
 
 def dataloader_batches(dl, memory_format):
@@ -151,8 +201,16 @@ def main() -> None:
         default=["fp32", "bf16+CL"],
         help="CL = channels-last; bf16 is emulated (~6x slower) on CPUs without native bf16",
     )
+    parser.add_argument(
+        "--before",
+        choices=["all", "order", "malloc"],
+        default="all",
+        help="what 'before' undoes: both of #29's changes, Conv4's block order, or the allocator",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        retain_freed_memory(True)  # as training sets it, for (3)
     tmp = Path(tempfile.mkdtemp(prefix="negmargin-bench-"))
     if args.data_root:
         root = Path(args.data_root)
@@ -211,20 +269,23 @@ def main() -> None:
             rt = Runtime(device, "bf16" if bf16 else "fp32", cl)
 
             model, step = make_step(run_cfg, packed.num_classes, rt, before=False)
-            variants = {"now": step}
-            if name == "conv4":
-                variants["before"] = make_step(run_cfg, packed.num_classes, rt, before=True)[1]
             steps = args.steps if name == "conv4" else max(3, args.steps // 3)
             warm = 2
             fmt = torch.channels_last if cl else torch.contiguous_format
             fixed = torch.randn(64, 3, 84, 84, device=device).contiguous(memory_format=fmt)
             fixed_y = labels[:64].to(device)
-            memory = {k: itertools.repeat((fixed, fixed_y)) for k in variants}
-            p1 = paired_steps(variants, memory, warm, steps)
-            ours = {
-                k: our_batches(TrainLoader(packed, run_cfg, 64, device, channels_last=cl)) for k in variants
-            }
-            p2 = paired_steps(variants, ours, warm, steps)
+            changed = name == "conv4" or args.before != "order"
+            workers, procs = start_workers(
+                run_cfg.to_dict(), packed.num_classes, str(device), name, args.before
+            )
+            try:
+                p1 = paired_steps(workers, "memory", warm, steps)
+                p2 = paired_steps(workers, "ours", warm, steps)
+            finally:
+                for conn in workers.values():
+                    conn.send(None)
+                for proc in procs:
+                    proc.join()
             r1, r2 = p1["now"], p2["now"]
             dl = torch.utils.data.DataLoader(
                 PILDataset(paths, labels, run_cfg),
@@ -243,7 +304,7 @@ def main() -> None:
                 per_image = training_flops_per_image(model, 84, packed.num_classes)
                 share = f"{r1 * per_image / peak:>8.0%} {r2 * per_image / peak:>8.0%}"
             before = "   —  (no change in this backbone)"
-            if "before" in variants:
+            if changed:
                 b1, b2 = p1["before"], p2["before"]
                 before = f"{b1:>8.1f}/s {b2:>8.1f}/s {p1['ratio']:>9.2f} {p2['ratio']:>8.2f}"
             print(
@@ -267,7 +328,7 @@ def main() -> None:
                 )
     print(
         f"({args.steps} timed steps, ResNet12 {max(3, args.steps // 3)}, after 2 warm-up steps; "
-        "Conv4 now/before: alternating steps, median of the paired step-time ratios; "
+        f"before = {args.before}; now/before: alternating steps, median of the paired step-time ratios; "
         f"{math.ceil(len(packed) / 64)} batches per epoch)"
     )
 

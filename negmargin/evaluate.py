@@ -22,7 +22,7 @@ from .features import cached_features
 from .fileio import atomic_write_text, file_sha256
 from .meta_test import MetaTestResult, run_meta_test
 from .model import load_trained_model
-from .runtime import main_first, resolve, start_run
+from .runtime import configure_process, main_first, resolve, start_run
 
 
 def results_name(
@@ -70,6 +70,7 @@ def run_test(
     work_dir = Path(work_dir)
     log, show = start_run(cfg, work_dir, progress, log_files=False)
     cfg, rt = resolve(cfg)
+    configure_process(cfg, rt)
     model, ckpt = load_trained_model(cfg, checkpoint_path, rt.device, channels_last=rt.channels_last)
     data_cfg = cfg
     if test_data is not None:

@@ -39,7 +39,16 @@ from .loader import TrainLoader
 from .meta_test import MetaTestResult, meta_test_episodes
 from .model import FewShotModel, build_model
 from .runlog import RunLog, progress_bar
-from .runtime import Runtime, machine_line, main_first, peak_memory_mib, resolve, seed_everything, start_run
+from .runtime import (
+    Runtime,
+    configure_process,
+    machine_line,
+    main_first,
+    peak_memory_mib,
+    resolve,
+    seed_everything,
+    start_run,
+)
 from .schedule import lr_at
 
 
@@ -75,6 +84,7 @@ def run_training(
         train_split = load_split(cfg, "train", progress=show, log=log.info)
         val_split = load_split(cfg, "val", progress=show, log=log.info)
     cfg, rt = resolve(cfg, num_classes=train_split.num_classes)
+    configure_process(cfg, rt)
     num_classes = check_num_classes(cfg, train_split)
 
     model = build_model(cfg, num_classes).to(rt.device)
@@ -98,9 +108,10 @@ def run_training(
     )
     if main:
         dump_config(cfg, work_dir / f"{cfg.name}.py", note=f"resolved on {machine_line(rt)}")
+        malloc = f"cpu_malloc {cfg.train.cpu_malloc}; " if rt.device.type == "cpu" else ""
         log.info(
             f"work dir {work_dir}; {machine_line(rt)}; {dist.world_size()} process(es); "
-            f"channels_last {rt.channels_last}; {num_classes} head classes; "
+            f"channels_last {rt.channels_last}; {malloc}{num_classes} head classes; "
             f"{len(loader)} iterations/epoch of {per_process} images per process; test resize "
             f"{cfg.data.test_resize}; fine-tune steps val {cfg.val.steps}, test {cfg.meta_test.steps} "
             f"(resolved config: {work_dir / (cfg.name + '.py')})"

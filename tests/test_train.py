@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from negmargin import cli
+from negmargin import cli, runtime
 from negmargin.config import load_config
 from negmargin.errors import NonFiniteLossError
 from negmargin.runtime import resolve
@@ -20,9 +20,12 @@ from negmargin.train import run
 from .helpers import REPO, run_cli, tiny_raw, write_config
 
 
-def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, capsys):
+def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, capsys, monkeypatch):
+    malloc_calls = []  # train.cpu_malloc="retain" (the default) on a CPU: each run sets it once
+    monkeypatch.setattr(runtime, "retain_freed_memory", lambda retain=True: malloc_calls.append(retain))
     cfg = tiny_cfg()
     summary = run(cfg, tmp_path / "wd", progress=False)
+    assert malloc_calls == [True]
     wd = tmp_path / "wd"
     for name in ("best_accuracy_mean.pth", "latest.pth", "epoch_1.pth", "epoch_2.pth", "tiny.py"):
         assert (wd / name).is_file(), name
@@ -39,6 +42,7 @@ def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, caps
     assert [r["epoch"] for r in val_rec] == [1, 2] and all(0 <= r["accuracy_mean"] <= 100 for r in val_rec)
     assert all(math.isfinite(r["loss"]) for r in train_rec)
     assert "Epoch(val) [2]" in next(wd.glob("*.log")).read_text()
+    assert "; cpu_malloc retain; " in next(wd.glob("*.log")).read_text()
     # the dumped config is the resolved one (derived values explicit) and reloads as is
     dumped = load_config(wd / "tiny.py")
     assert dumped.to_dict() == resolve(cfg, num_classes=10)[0].to_dict()
@@ -65,7 +69,7 @@ def test_tiny_run_writes_every_output_and_test_reads_it(tiny_cfg, tmp_path, caps
         ]
     )
     out = capsys.readouterr().out
-    assert code == 0
+    assert code == 0 and malloc_calls == [True, True]
     assert "accuracy_mean:" in out and "95% confidence interval" in out and "task 19: accuracy" in out
     res1 = json.loads(next(wd.glob("meta_test_test_5way-1shot_*.json")).read_text())
     res5 = json.loads(next(wd.glob("meta_test_test_5way-5shot_*.json")).read_text())
