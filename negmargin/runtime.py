@@ -114,7 +114,7 @@ def retain_freed_memory(retain: bool = True) -> bool:
     By default glibc serves every block over 32 MB with a fresh ``mmap`` and returns it on
     free, so each training step's large activations (116 MB per tensor in Conv4's first block
     at batch 64) arrive on new pages that the kernel zero-fills, one page fault per 4 KB:
-    ~110,000 faults and a quarter of the CPU time of a Conv4 step on an AVX2 EPYC. Retaining
+    ~118,000 faults and a quarter of the CPU time of a Conv4 step on an AVX2 EPYC. Retaining
     turns off mmap for large blocks and trimming of the heap, so the next step reuses the
     pages. No effect on results (the same arithmetic on other addresses). Returns whether it
     applied: False where the C library is not glibc (macOS, musl), where it is a no-op.
