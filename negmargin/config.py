@@ -190,7 +190,7 @@ class TrainConfig:
     # blocks, no trimming), so a step's tensors land on the pages the previous step freed
     # instead of fresh pages the kernel must zero (~470 MB per Conv4 step at batch 64):
     # x1.33 end to end for Conv4 on an AVX2 EPYC (bench/train_speed.py --before malloc).
-    # Results are bit-identical; the process keeps its peak memory (CUB Conv4: 3.2 -> 4.5
+    # Results are bit-identical; the process keeps its peak memory (CUB Conv4: 3.2 -> 4.6
     # GiB). "system": glibc's own thresholds. A no-op where the C library is not glibc.
     cpu_malloc: Literal["retain", "system"] = "retain"
     workers: int = 1  # background threads that read and augment batches
