@@ -157,7 +157,8 @@ def train_batch(
     ``per_sample`` forces one or the other.
 
     Returns:
-        (B, C, size, size) float32, normalised, channels-last layout.
+        (B, C, size, size) float32, normalised; contiguous on the CPU path,
+        channels-last on the batched one.
     """
     device = crops.device
     if per_sample if per_sample is not None else device.type == "cpu":
@@ -165,7 +166,12 @@ def train_batch(
         if params.flip.any():
             flip = torch.from_numpy(params.flip)
             x[flip] = x[flip].flip(-1)
-        x = x.float()
+        # The jitter and normalisation run on (B, C, H, W) planes: grey() reads the
+        # three channels and the blends broadcast over them, which on channels-last
+        # (a channel every third value) takes ~1.5x as long (8.7 vs 6.0 ms per CUB
+        # batch on 2 cores). Elementwise work, so the values are the same in either
+        # layout (tests/test_augment.py); the loader returns the layout the model wants.
+        x = x.to(torch.float32, memory_format=torch.contiguous_format)
     else:
         zeros = torch.zeros_like(crop_hw[:, :1])
         boxes = torch.cat([zeros, zeros, crop_hw], dim=1)

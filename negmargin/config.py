@@ -193,7 +193,7 @@ class TrainConfig:
     # Results are bit-identical; the process keeps its peak memory (CUB Conv4: 3.2 -> 4.6
     # GiB). "system": glibc's own thresholds. A no-op where the C library is not glibc.
     cpu_malloc: Literal["retain", "system"] = "retain"
-    workers: int = 1  # background threads that read and augment batches
+    workers: int = 1  # background threads that cut the next batches' crops (0: inline)
     sync_bn: bool = False  # SyncBatchNorm under torchrun
     # Under torchrun: "none" keeps lr for the global batch (per-process batch =
     # batch_size / world size); "linear" multiplies lr by the world size and

@@ -2,8 +2,8 @@
 
 Per batch, on the CPU (in ``train.workers`` background threads, ahead of the
 model): pick the indices, draw the augmentation parameters, cut each crop box
-out of the memory-mapped cache into one uint8 buffer. On the training device:
-resize + flip + jitter + normalise the whole batch at once
+out of the memory-mapped cache into one uint8 buffer. In the training thread, on
+the training device: resize + flip + jitter + normalise the whole batch at once
 (:func:`negmargin.augment.train_batch`).
 
 Everything random is a pure function of (seed, epoch, iteration, rank): the
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+import statistics
 import time
 from collections.abc import Iterator
 
@@ -75,6 +76,67 @@ class EpochSampler:
         return idx[iteration * self.batch_size : (iteration + 1) * self.batch_size]
 
 
+class Placement:
+    """Where a CPU run's augmentation runs: in the training thread or in the loader's
+    background threads, chosen by timing both. The batches are the same either way.
+
+    Alone on its cores a step is fastest with the augmentation in line: in a background
+    thread its torch ops run on a thread team of their own beside the step's and slow it
+    by more than the ~17 ms they take in line (CUB Conv4 bf16 on a 2-core Xeon: 455 vs
+    428 img/s). With another process busy on one of the cores it is the other way round
+    (149 vs 95 img/s). So the first ``probe`` iterations of every ``cycle`` run the other
+    way, and at the cycle's end the faster way — median wall time per iteration — is kept
+    for the next cycle; the other must be faster by ``margin`` to take over.
+
+    A batch made in the background is made ``lag`` iterations ahead (the loader's queue
+    depth), during earlier steps, so the iterations next to a change carry the other
+    way's cost: the comparison counts ``measure`` iterations of each way, skipping
+    ``settle`` at the probe's start and ``lag`` at the end of the probe and of the cycle.
+    Alone on the cores, probing costs ~2% against holding the augmentation in line
+    (bench/input_path.py: 443.5 vs 454.6 img/s); see docs/benchmarks.md.
+    """
+
+    def __init__(
+        self, lag: int, cycle: int = 200, measure: int = 8, settle: int = 2, margin: float = 0.05
+    ) -> None:
+        self.probe = settle + measure + lag
+        if lag < 0 or measure < 2 or settle < 0 or cycle < 2 * self.probe:
+            raise ValueError(f"cycle {cycle} too short for probes of {self.probe} iterations (lag {lag})")
+        self.lag, self.cycle, self.measure, self.settle, self.margin = lag, cycle, measure, settle, margin
+        self.in_background = False  # the way kept; in line first
+        self.times: dict[int, tuple[bool, float]] = {}  # iteration → (in background, seconds)
+        self.notes: list[str] = []  # what changed, for the run log
+
+    def choose(self, iteration: int) -> bool:
+        """Whether global ``iteration`` is to be augmented in a background thread."""
+        return self.in_background != (iteration % self.cycle < self.probe)
+
+    def record(self, iteration: int, in_background: bool, seconds: float) -> None:
+        """One iteration's wall time (its wait, its augmentation if in line, and the step)."""
+        self.times[iteration] = (in_background, seconds)
+        if iteration % self.cycle != self.cycle - 1:
+            return
+        start, end = iteration - self.cycle + 1, iteration - self.lag
+
+        def times(first: int, stop: int, background: bool) -> list[float]:
+            found = (self.times.get(i) for i in range(first, stop))
+            return [r[1] for r in found if r is not None and r[0] == background]
+
+        other = times(start + self.settle, start + self.probe - self.lag, not self.in_background)
+        kept = times(end - self.measure + 1, end + 1, self.in_background)
+        self.times.clear()
+        if min(len(other), len(kept)) < self.measure // 2:
+            return  # too few measurements (an epoch boundary, a resumed start)
+        a, b = statistics.median(other), statistics.median(kept)
+        if a < (1 - self.margin) * b:
+            self.in_background = not self.in_background
+            where = "background threads" if self.in_background else "training thread"
+            self.notes.append(
+                f"input path: augmenting in the {where} from iteration {iteration + 1} "
+                f"({1000 * a:.0f} vs {1000 * b:.0f} ms per iteration)"
+            )
+
+
 class TrainLoader:
     """Iterate (images, labels) batches of one epoch on the training device."""
 
@@ -96,6 +158,8 @@ class TrainLoader:
         self.pin = device.type == "cuda"
         cap = cfg.train.max_iters_per_epoch
         self.iterations = min(self.sampler.iterations, cap) if cap else self.sampler.iterations
+        self.depth = 2 * cfg.train.workers  # batches queued ahead by the background threads
+        self.placement = Placement(lag=self.depth)
 
     def __len__(self) -> int:
         return self.iterations
@@ -162,24 +226,52 @@ class TrainLoader:
                 images, labels = self.finish(self.prepare(epoch, it, indices))
                 yield images, labels, time.perf_counter() - t0
             return
-        # On the CPU the whole batch (cut + augment) is made in the background
-        # threads, overlapping the model's step; on a GPU the threads cut crops
-        # into pinned memory and the main thread runs the batched augmentation.
+        # The threads cut crops (into pinned memory for a GPU). The augmentation runs in
+        # the training thread on a GPU (batched kernels) and, on the CPU, where
+        # ``self.placement`` finds it faster: in line or in background threads. Those are
+        # threads of their own, ended as soon as the augmentation moves back in line: a
+        # thread that has run torch ops keeps a thread team that slows the training
+        # thread's steps for as long as it lives (CUB Conv4 bf16, 2-core Xeon: ~155 against
+        # ~143 ms per step in line), even idle.
         on_cpu = self.device.type == "cpu"
+        placement = self.placement
 
-        def make(it: int):
+        def make(it: int, in_background: bool):
             item = self.prepare(epoch, it, indices)
-            return self.finish(item) if on_cpu else item
+            return self.finish(item) if in_background else item
 
-        depth = 2 * workers
-        with cf.ThreadPoolExecutor(workers, thread_name_prefix="negmargin-loader") as pool:
-            pending: dict[int, cf.Future] = {}
-            nxt = start
-            for it in range(start, self.iterations):
-                while nxt < self.iterations and len(pending) < depth:
-                    pending[nxt] = pool.submit(make, nxt)
-                    nxt += 1
-                t0 = time.perf_counter()
-                result = pending.pop(it).result()
-                images, labels = result if on_cpu else self.finish(result)
-                yield images, labels, time.perf_counter() - t0
+        depth = self.depth
+        augmenters: cf.ThreadPoolExecutor | None = None
+        with cf.ThreadPoolExecutor(workers, thread_name_prefix="negmargin-loader") as cutters:
+            try:
+                pending: dict[int, tuple[bool, cf.Future]] = {}
+                nxt = start
+                t_prev = None
+                for it in range(start, self.iterations):
+                    while nxt < self.iterations and len(pending) < depth:
+                        bg = on_cpu and placement.choose(epoch * self.iterations + nxt)
+                        if not bg:
+                            if augmenters is not None:
+                                augmenters.shutdown(wait=False)  # its queued batches still finish
+                                augmenters = None
+                            pool = cutters
+                        else:
+                            if augmenters is None:
+                                augmenters = cf.ThreadPoolExecutor(
+                                    workers, thread_name_prefix="negmargin-augment"
+                                )
+                            pool = augmenters
+                        pending[nxt] = (bg, pool.submit(make, nxt, bg))
+                        nxt += 1
+                    t0 = time.perf_counter()
+                    bg, future = pending.pop(it)
+                    result = future.result()
+                    images, labels = result if bg else self.finish(result)
+                    yield images, labels, time.perf_counter() - t0
+                    now = time.perf_counter()
+                    if on_cpu and t_prev is not None:  # an epoch's first iteration waited for its start
+                        placement.record(epoch * self.iterations + it, bg, now - t_prev)
+                    t_prev = now
+            finally:
+                if augmenters is not None:
+                    augmenters.shutdown(wait=True)

@@ -139,6 +139,9 @@ def run_training(
                     meter.check_finite(state, work_dir)  # before these weights are written
                     stop.exit(log, state, cfg, work_dir, f"epoch {epoch + 1}, iteration {state.iteration}")
             state.epoch, state.iteration = epoch + 1, 0
+            for note in loader.placement.notes:
+                log.info(note)
+            loader.placement.notes.clear()
             after_epoch(state, cfg, rt, val_split, work_dir, log, show, len(loader))
             if stop.requested(rt.device):
                 stop.exit(log, state, cfg, work_dir, f"the end of epoch {epoch + 1}")

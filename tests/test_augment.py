@@ -214,3 +214,20 @@ def test_eval_transform_is_centre_crop_of_stored_image():
     out = to_input(eval_view(img[0].numpy(), 96, 84, "cv2")[None], (0, 0, 0), (1, 1, 1), torch.device("cpu"))
     left = round((130 - 84) / 2)
     assert torch.equal(out[0], img[0, 6:90, left : left + 84].permute(2, 0, 1).float())
+
+
+def test_color_jitter_gives_the_same_bits_in_either_memory_layout():
+    # train_batch runs the jitter on contiguous planes (faster on the CPU) where it ran on
+    # channels-last; elementwise work, so every pixel must be equal bit for bit. Whole grey
+    # levels with many repeats and all six orders of the three ops, as the loader feeds it.
+    rng = np.random.default_rng(7)
+    x = torch.from_numpy(rng.integers(0, 256, (48, 3, 84, 84)).astype(np.float32))
+    x[::5] = torch.from_numpy(rng.integers(100, 104, (10, 3, 84, 84)).astype(np.float32))  # flat images
+    p = sample_params(rng, np.full(48, 300), np.full(48, 400), AugmentConfig())
+    factors, order = torch.from_numpy(p.jitter), torch.from_numpy(p.order)
+    assert len({tuple(o) for o in p.order.tolist()}) == 6
+    planes = color_jitter(x.contiguous(), factors, order)
+    interleaved = color_jitter(x.contiguous(memory_format=torch.channels_last), factors, order)
+    assert interleaved.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(planes, interleaved)
+    assert (planes != x).float().mean() > 0.9  # the jitter did change the images
