@@ -84,32 +84,42 @@ class Placement:
     thread its torch ops run on a thread team of their own beside the step's and slow it
     by more than the ~17 ms they take in line (CUB Conv4 bf16 on a 2-core Xeon: 455 vs
     428 img/s). With another process busy on one of the cores it is the other way round
-    (149 vs 95 img/s). So the first ``probe`` iterations of every ``cycle`` run the other
-    way, and at the cycle's end the faster way — median wall time per iteration — is kept
-    for the next cycle; the other must be faster by ``margin`` to take over.
+    (149 vs 95 img/s). So the first ``probe`` iterations of a ``cycle`` run the other way,
+    and at the cycle's end the faster way — median wall time per iteration — is kept; the
+    other must be faster by ``margin`` to take over. After a probe that changes nothing the
+    next comes twice as many cycles later (at most ``max_every``); after a change, at the
+    next cycle: a steady machine pays for few probes, a changed one is noticed within
+    ``max_every`` cycles.
 
     A batch made in the background is made ``lag`` iterations ahead (the loader's queue
     depth), during earlier steps, so the iterations next to a change carry the other
     way's cost: the comparison counts ``measure`` iterations of each way, skipping
     ``settle`` at the probe's start and ``lag`` at the end of the probe and of the cycle.
-    Alone on the cores, probing costs ~2% against holding the augmentation in line
-    (bench/input_path.py: 443.5 vs 454.6 img/s); see docs/benchmarks.md.
+    Measured in bench/input_path.py and docs/benchmarks.md.
     """
 
     def __init__(
-        self, lag: int, cycle: int = 200, measure: int = 8, settle: int = 2, margin: float = 0.05
+        self,
+        lag: int,
+        cycle: int = 200,
+        measure: int = 8,
+        settle: int = 2,
+        margin: float = 0.05,
+        max_every: int = 8,
     ) -> None:
         self.probe = settle + measure + lag
         if lag < 0 or measure < 2 or settle < 0 or cycle < 2 * self.probe:
             raise ValueError(f"cycle {cycle} too short for probes of {self.probe} iterations (lag {lag})")
         self.lag, self.cycle, self.measure, self.settle, self.margin = lag, cycle, measure, settle, margin
         self.in_background = False  # the way kept; in line first
+        self.every, self.max_every = 1, max_every  # probe in cycles c with c % every == 0
         self.times: dict[int, tuple[bool, float]] = {}  # iteration → (in background, seconds)
         self.notes: list[str] = []  # what changed, for the run log
 
     def choose(self, iteration: int) -> bool:
         """Whether global ``iteration`` is to be augmented in a background thread."""
-        return self.in_background != (iteration % self.cycle < self.probe)
+        probing = (iteration // self.cycle) % self.every == 0 and iteration % self.cycle < self.probe
+        return self.in_background != probing
 
     def record(self, iteration: int, in_background: bool, seconds: float) -> None:
         """One iteration's wall time (its wait, its augmentation if in line, and the step)."""
@@ -126,10 +136,11 @@ class Placement:
         kept = times(end - self.measure + 1, end + 1, self.in_background)
         self.times.clear()
         if min(len(other), len(kept)) < self.measure // 2:
-            return  # too few measurements (an epoch boundary, a resumed start)
+            return  # no probe in this cycle, or too few measurements (an epoch boundary, a resume)
         a, b = statistics.median(other), statistics.median(kept)
+        self.every = min(2 * self.every, self.max_every)
         if a < (1 - self.margin) * b:
-            self.in_background = not self.in_background
+            self.in_background, self.every = not self.in_background, 1
             where = "background threads" if self.in_background else "training thread"
             self.notes.append(
                 f"input path: augmenting in the {where} from iteration {iteration + 1} "

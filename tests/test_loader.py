@@ -43,34 +43,41 @@ def test_batches_are_the_same_wherever_the_augmentation_runs(tiny_cfg, monkeypat
     assert main in finished_in and any(n.startswith("negmargin-augment") for n in finished_in)
 
 
-def feed(placement: Placement, first: int, cycles: int, inline: float, background: float) -> list[bool]:
+def feed(placement: Placement, first: int, cycles: int, inline: float, background: float) -> list[str]:
     """Run cycles ``first`` … ``first + cycles - 1``, whose iterations take ``inline`` or
-    ``background`` seconds; return the placement kept after each cycle."""
-    kept = []
+    ``background`` seconds. Per cycle: "-" no probe, "p" a probe that changed nothing,
+    "B"/"I" a probe that moved the augmentation to the background threads / in line."""
+    out = []
     for c in range(first, first + cycles):
+        before = placement.in_background
+        probed = any(
+            placement.choose(i) != before for i in range(c * placement.cycle, (c + 1) * placement.cycle)
+        )
         for i in range(c * placement.cycle, (c + 1) * placement.cycle):
             bg = placement.choose(i)
             placement.record(i, bg, background if bg else inline)
-        kept.append(placement.in_background)
-    return kept
+        moved = placement.in_background != before
+        out.append(("B" if placement.in_background else "I") if moved else "p" if probed else "-")
+    return out
 
 
-def test_placement_probes_and_keeps_the_faster_way():
-    p = Placement(lag=2, cycle=100, margin=0.03)  # probes of 12 iterations per 100
-    # Alone on the cores (in line faster): probes the background threads, stays in line.
+def test_placement_probes_backs_off_and_keeps_the_faster_way():
+    p = Placement(lag=2, cycle=100, margin=0.03, max_every=8)  # probes of 12 iterations
     assert sum(p.choose(i) for i in range(100)) == 12
-    assert feed(p, 0, 3, inline=0.150, background=0.160) == [False] * 3 and not p.notes
-    # Another process takes a core (background faster): moves after one cycle, then probes
-    # in line at each cycle's start and stays.
-    assert feed(p, 3, 3, inline=0.750, background=0.440) == [True] * 3
-    assert sum(p.choose(i) for i in range(100)) == 88
+    # Alone on the cores (in line faster): stays in line, probing ever more rarely.
+    assert "".join(feed(p, 0, 17, inline=0.150, background=0.160)) == "p-p-p---p-------p"
+    assert not p.notes
+    # Another process takes a core (background faster): moved at the next probe (cycle 24);
+    # then the probes of the training thread start again at the next cycle and back off.
+    assert "".join(feed(p, 17, 13, inline=0.750, background=0.440)) == "-------Bpp-p-"
     assert p.notes == [
-        "input path: augmenting in the background threads from iteration 400 (440 vs 750 ms per iteration)"
+        "input path: augmenting in the background threads from iteration 2500 (440 vs 750 ms per iteration)"
     ]
-    # Back alone: returns to the training thread.
-    assert feed(p, 6, 1, inline=0.150, background=0.160) == [False]
+    assert sum(p.choose(i) for i in range(2900, 3000)) == 100  # no probe in cycle 29
+    # Back alone: noticed at the next probe (cycle 32), back in line.
+    assert "".join(feed(p, 30, 3, inline=0.150, background=0.160)) == "--I"
     # Within the margin (3%) nothing moves.
-    assert feed(p, 7, 2, inline=0.150, background=0.147) == [False, False]
+    assert "".join(feed(p, 33, 2, inline=0.150, background=0.147)) == "pp"
 
 
 def test_placement_skips_the_iterations_next_to_a_change():
