@@ -9,7 +9,7 @@ Each variant trains in a process of its own (its own thread teams and allocator)
   now         the loader as training uses it: crops cut in a background thread, the
               augmentation on (B, C, H, W) planes where ``loader.Placement`` finds it
               faster — in the training thread or in the background thread too;
-  before      the path before: the whole batch (cut + augment) made in the background
+  before      the path before: the whole batch (cut + augment) made in a background
               thread, the colour jitter on channels-last tensors;
   inline      ``now`` held in the training thread;
   background  ``now`` held in the background thread (so ``background``/``before`` is the
@@ -34,7 +34,6 @@ generated CUB-sized JPEGs (``common.make_jpegs``).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import contextlib
 import functools
 import multiprocessing
@@ -54,7 +53,7 @@ from common import CpuBurner, make_jpegs, train_step  # noqa: E402
 from negmargin.augment import color_jitter, normalize  # noqa: E402
 from negmargin.config import Config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
-from negmargin.loader import TrainLoader  # noqa: E402
+from negmargin.loader import Placement, TrainLoader  # noqa: E402
 from negmargin.model import build_model  # noqa: E402
 from negmargin.resample import crop_resize_each  # noqa: E402
 from negmargin.runtime import Runtime, cpu_info, retain_freed_memory  # noqa: E402
@@ -65,45 +64,38 @@ VARIANTS = ("model", "now", "before", "inline", "background")
 def finish_channels_last(loader: TrainLoader, item: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``TrainLoader.finish`` as it was before: the jitter on the channels-last resize output."""
     cfg, p = loader.cfg, item["params"]
-    x = crop_resize_each(
-        item["pixels"], item["hw"], cfg.data.image_size, cfg.data.image_size, cfg.augment.interpolation
-    )
+    size = cfg.data.image_size
+    x = crop_resize_each(item["pixels"], item["hw"], size, size, cfg.augment.interpolation)
     if p.flip.any():
         flip = torch.from_numpy(p.flip)
         x[flip] = x[flip].flip(-1)
     x = color_jitter(x.float(), torch.from_numpy(p.jitter), torch.from_numpy(p.order))
-    return normalize(x, cfg.data.mean, cfg.data.std).contiguous(memory_format=torch.channels_last), item[
-        "labels"
-    ]
+    x = normalize(x, cfg.data.mean, cfg.data.std).contiguous(memory_format=torch.channels_last)
+    return x, item["labels"]
 
 
-def batches(loader: TrainLoader, finish, in_background: bool):
-    """Endless batches: ``finish(prepare(...))`` wholly in a background thread, or the
-    crops cut there and ``finish`` run here (2 batches queued, as ``train.workers=1``)."""
-    epoch = 0
-    with cf.ThreadPoolExecutor(1, thread_name_prefix="bench-loader") as pool:
-        while True:
-            indices = loader.sampler.indices(epoch)
+class Held(Placement):
+    """A placement that never probes: the augmentation always in line or always in the background."""
 
-            def job(it: int, epoch=epoch, indices=indices):
-                item = loader.prepare(epoch, it, indices)
-                return finish(item) if in_background else item
+    def __init__(self, lag: int, in_background: bool) -> None:
+        super().__init__(lag)
+        self.in_background = in_background
 
-            pending = [pool.submit(job, it) for it in range(min(2, len(loader)))]
-            for it in range(len(loader)):
-                result = pending.pop(0).result()
-                if it + 2 < len(loader):
-                    pending.append(pool.submit(job, it + 2))
-                yield result if in_background else finish(result)
-            epoch += 1
+    def choose(self, iteration: int) -> bool:
+        return self.in_background
+
+    def record(self, iteration: int, in_background: bool, seconds: float) -> None:
+        pass  # nothing to decide
 
 
 def make_batches(variant: str, loader: TrainLoader):
-    if variant == "now":
-        return (b[:2] for e in range(10**9) for b in loader.epoch(e))
+    """The loader itself, its placement held for every variant but ``now``; ``before`` also
+    with the old channels-last ``finish``."""
+    if variant != "now":
+        loader.placement = Held(loader.depth, in_background=variant in ("before", "background"))
     if variant == "before":
-        return batches(loader, functools.partial(finish_channels_last, loader), in_background=True)
-    return batches(loader, loader.finish, in_background=variant == "background")
+        loader.finish = functools.partial(finish_channels_last, loader)  # type: ignore[method-assign]
+    return (b[:2] for e in range(10**9) for b in loader.epoch(e))
 
 
 def worker(conn, cfg_raw: dict, num_classes: int, variant: str) -> None:
