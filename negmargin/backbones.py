@@ -6,9 +6,12 @@ Module names follow the reference implementation (mmfewshot's ``ConvNet`` and
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 
+from . import fused_norm
 from .errors import ConfigError
 
 
@@ -28,6 +31,13 @@ class Backbone(nn.Module):
 
     num_features: int
 
+    def fuse_norms(self, on: bool = True) -> None:
+        """Train the blocks' batch norms through :mod:`negmargin.fused_norm` (CPU,
+        channels-last; other inputs, and evaluation, keep ATen's layers)."""
+        for m in self.modules():
+            if isinstance(m, (ConvBlock, BasicBlock)):
+                m.fuse_norm = on
+
 
 class ConvBlock(nn.Module):
     """Conv3×3 (bias) → BatchNorm → ReLU → MaxPool 2, computed as … → MaxPool 2 → ReLU.
@@ -41,6 +51,8 @@ class ConvBlock(nn.Module):
     weight is equal.
     """
 
+    fuse_norm = False  # Backbone.fuse_norms
+
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         # Indices 0 and 1 hold the parameters, so state_dict keys are the reference's.
@@ -52,7 +64,12 @@ class ConvBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.layers(x)
+        if not (self.fuse_norm and self.training):
+            return self.layers(x)
+        x = self.layers[0](x)
+        if fused_norm.supports(x, self.layers[1]):  # = ReLU after pooling, as the layers do
+            return fused_norm.norm_act(x, cast(nn.BatchNorm2d, self.layers[1]), "relu", pool=True)
+        return self.layers[1:](x)
 
 
 class Conv4(Backbone):
@@ -78,6 +95,8 @@ class BasicBlock(nn.Module):
     """3 × (Conv3×3 no bias → BN → LeakyReLU 0.1), no activation before the add;
     1×1 conv + BN shortcut; LeakyReLU after the add; MaxPool 2."""
 
+    fuse_norm = False  # Backbone.fuse_norms
+
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
@@ -93,7 +112,11 @@ class BasicBlock(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.relu(self.norm1(self.conv1(x)))
+        out = self.conv1(x)
+        norms = (self.norm1, self.norm2, self.norm3, self.downsample[1])
+        if self.fuse_norm and self.training and fused_norm.supports(out, *norms):
+            return self._fused_forward(x, out)
+        out = self.relu(self.norm1(out))
         out = self.relu(self.norm2(self.conv2(out)))
         out = self.norm3(self.conv3(out))
         # Not reordered like ConvBlock's ReLU: in floating point x·0.1 can round two
@@ -102,6 +125,16 @@ class BasicBlock(nn.Module):
         # The saving would be small here, where convolutions take nearly all the time.
         out = self.relu(out + self.downsample(x))
         return self.max_pool(out)
+
+    def _fused_forward(self, x: Tensor, out: Tensor) -> Tensor:
+        """The training forward with each batch norm fused with what follows it; out = conv1(x)."""
+        slope = self.relu.negative_slope
+        out = fused_norm.norm_act(out, self.norm1, "leaky_relu", slope)
+        out = fused_norm.norm_act(self.conv2(out), self.norm2, "leaky_relu", slope)
+        shortcut = (self.downsample[0](x), cast(nn.BatchNorm2d, self.downsample[1]))
+        return fused_norm.norm_act(
+            self.conv3(out), self.norm3, "leaky_relu", slope, pool=True, shortcut=shortcut
+        )
 
 
 class ResNet12(Backbone):

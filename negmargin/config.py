@@ -186,6 +186,11 @@ class TrainConfig:
     # checkpoints written by earlier versions means "on".)
     channels_last: Literal["on", "off"] = "on"
     compile: bool = False  # torch.compile the backbone
+    # CPU training: each block's batch norm fused with its activation, shortcut add and max
+    # pooling in one C++ kernel (negmargin/fused_norm.py; built on first use, needs a C++
+    # compiler). The same computation with other roundings, not the same bits: x1.58 on a
+    # Conv4 bf16 step, x1.20 on ResNet12 (AMX Xeon; docs/benchmarks.md). Off: ATen's layers.
+    fused_norm: bool = False
     # CPU runs: "retain" has glibc's malloc keep freed memory for reuse (no mmap of large
     # blocks, no trimming), so a step's tensors land on the pages the previous step freed
     # instead of fresh pages the kernel must zero (~470 MB per Conv4 step at batch 64):
@@ -207,6 +212,11 @@ class TrainConfig:
             raise ConfigError("learning rates (train.lr, finetune.lr) must be > 0")
         if self.workers < 0:
             raise ConfigError("worker counts (train.workers, data.prepare_workers) must be ≥ 0")
+        if self.fused_norm and self.compile:
+            raise ConfigError(
+                f"config keys '{section}.fused_norm' and '{section}.compile' do not combine "
+                "(torch.compile cannot trace the fused kernel): set one of them to False"
+            )
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"config key '{section}.milestones' must be increasing, got {self.milestones}")
         in_range(section, self, "milestones", 0)

@@ -23,6 +23,7 @@ import torch
 
 from . import distributed as dist
 from .config import Config
+from .cpu import cpu_info
 from .fileio import ensure_writable_dir
 from .runlog import RunLog
 
@@ -55,21 +56,6 @@ NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 # training step took 6.05 s in bf16 against 1.01 s in fp32; on a Xeon with AMX bf16 ran 280 img/s
 # against 164 in fp32 (channels-last).
 EMULATED_BF16_COST = "about 6x slower than fp32 (measured: Conv4 step 6.05 s vs 1.01 s on an AVX2-only CPU)"
-
-
-@functools.cache
-def cpu_info() -> tuple[str, frozenset[str]]:
-    """This CPU's model name and its feature flags (empty where /proc/cpuinfo is not there)."""
-    model, flags = platform.processor() or platform.machine(), frozenset[str]()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key in ("model name", "hardware") and value.strip():
-                model = value.strip()
-            elif key in ("flags", "features") and not flags:
-                flags = frozenset(value.split())
-    return model, flags
 
 
 def native_bf16(flags: frozenset[str] | None = None) -> bool:

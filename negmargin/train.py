@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed as dist
+from . import fused_norm
 from .checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
 from .config import Config, dump_config
 from .datasets import PackedSplit, load_split
@@ -91,6 +93,11 @@ def run_training(
     model = model.to(memory_format=rt.memory_format)  # type: ignore[call-overload]
     if cfg.train.sync_bn and dist.world_size() > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fused_note = ""
+    if cfg.train.fused_norm:
+        fused, fused_note = fused_norm.enable(model.backbone, rt.device)
+        if not fused and rt.device.type == "cpu" and main:
+            print(f"warning: {fused_note}", file=sys.stderr)
     if cfg.train.compile:
         model.backbone.compile()  # in place: the checkpoint keys stay the module's own
     optimizer, per_process, base_lr = make_optimizer(cfg, model)
@@ -116,6 +123,8 @@ def run_training(
             f"{cfg.data.test_resize}; fine-tune steps val {cfg.val.steps}, test {cfg.meta_test.steps} "
             f"(resolved config: {work_dir / (cfg.name + '.py')})"
         )
+        if fused_note:
+            log.info(fused_note)
 
     t_start = time.time()
     with StopRequest() as stop:

@@ -102,6 +102,9 @@ def test_overrides_and_values(tmp_path):
     for bad in ("train.batch_size=0", "train.epochs=-1", "meta_test.n_way=0", "val.n_shot=0"):
         with pytest.raises(ConfigError, match="must be a positive integer"):
             load_config(path, [bad])
+    assert load_config(path, ["train.fused_norm=True"]).train.fused_norm is True
+    with pytest.raises(ConfigError, match="'train.fused_norm' and 'train.compile' do not combine"):
+        load_config(path, ["train.fused_norm=True", "train.compile=True"])
 
 
 def test_missing_config_file_suggests_close_name(tmp_path):
