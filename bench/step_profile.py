@@ -1,7 +1,7 @@
 """Where a training step's time goes, by operator: the profile behind docs/benchmarks.md.
 
     python bench/step_profile.py [--backbone conv4] [--precision fp32] [--steps 5]
-        [--before] [--malloc system] [--by-shape]
+        [--before] [--malloc system] [--by-shape] [--fused-norm]
 
 Model only (forward + cross-entropy on a linear head + backward + SGD), batch 64,
 84×84, channels-last, random data, after 3 warm-up steps; PyTorch's profiler over
@@ -10,7 +10,8 @@ Model only (forward + cross-entropy on a linear head + backward + SGD), batch 64
 before max pooling; bit-identical results), ``--malloc system`` with glibc's default
 malloc instead of training's ``train.cpu_malloc="retain"`` (the kernel's page faults then
 add system time that the operator table does not show), ``--by-shape`` splits each
-operator by its input shapes (which layer it is).
+operator by its input shapes (which layer it is), ``--fused-norm`` trains the blocks through
+the fused batch-norm kernel (``train.fused_norm``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from negmargin import fused_norm  # noqa: E402
 from negmargin.backbones import build_backbone  # noqa: E402
 from negmargin.runtime import cpu_info, retain_freed_memory  # noqa: E402
 
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--before", action="store_true", help="Conv4: ReLU before pooling")
     parser.add_argument("--malloc", choices=["retain", "system"], default="retain")
     parser.add_argument("--by-shape", action="store_true")
+    parser.add_argument("--fused-norm", action="store_true")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     if args.malloc == "retain":
@@ -51,6 +54,10 @@ def main() -> None:
             conv, bn, pool, relu = block.layers
             block.layers = torch.nn.Sequential(conv, bn, relu, pool)
     backbone = backbone.to(memory_format=torch.channels_last)
+    if args.fused_norm:
+        fused, note = fused_norm.enable(backbone, torch.device("cpu"))
+        if not fused:
+            raise SystemExit(note)
     head = torch.nn.Linear(backbone.num_features, 100, bias=False)
     params = [*backbone.parameters(), *head.parameters()]
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=5e-4)
@@ -71,7 +78,8 @@ def main() -> None:
         step()
     dt = (time.perf_counter() - t0) / args.steps
     print(
-        f"{args.backbone} {args.precision} channels-last{' (ReLU before pool)' if args.before else ''}, "
+        f"{args.backbone} {args.precision} channels-last{' (ReLU before pool)' if args.before else ''}"
+        f"{', fused norm' if args.fused_norm else ''}, "
         f"malloc {args.malloc} "
         f"on {cpu_info()[0]}, {torch.get_num_threads()} threads: {dt * 1000:.0f} ms/step, {64 / dt:.1f} img/s"
     )

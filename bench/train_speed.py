@@ -16,7 +16,9 @@ channels-last), in one run:
 and (1) and (2) again as training ran before #29's changes — "before" below, with
 ``--before``: ``all`` (default) both changes, ``order`` Conv4's blocks in the order they had
 before pooling moved ahead of the ReLU, ``malloc`` glibc's default malloc instead of
-``train.cpu_malloc="retain"`` (both changes give bit-identical results). Now and before
+``train.cpu_malloc="retain"`` (both changes give bit-identical results), ``fused`` ATen's
+batch norm, activation and pooling instead of the fused kernel (``--fused-norm`` trains "now"
+with ``train.fused_norm=True``; the same computation, other roundings). Now and before
 each run in a process of their own (the allocator's state is per process) and alternate
 step by step (the first of each pair alternating too), so that both see the same machine:
 its speed here drifts by ±20% over minutes, more than the difference measured.
@@ -55,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bound import clock_ghz, cores, peak_flops, training_flops_per_image  # noqa: E402
 from common import make_jpegs, our_batches, timed_steps, train_step  # noqa: E402
 
+from negmargin import fused_norm  # noqa: E402
 from negmargin.augment import sample_params  # noqa: E402
 from negmargin.config import Config  # noqa: E402
 from negmargin.datasets import load_split  # noqa: E402
@@ -105,6 +108,10 @@ def make_step(cfg: Config, num_classes: int, rt: Runtime, before: bool):
         activation_before_pool(model)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.train.fused_norm:
+        fused, note = fused_norm.enable(model.backbone, rt.device)
+        if not fused:
+            raise SystemExit(note)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     return model, functools.partial(train_step, model, opt, rt)
 
@@ -157,15 +164,20 @@ def paired_steps(workers: dict, what: str, warmup: int, steps: int, batch_size: 
 def start_workers(cfg_raw: dict, num_classes: int, device: str, name: str, before: str) -> tuple[dict, list]:
     """The now and before variants' processes (spawned: a fresh allocator each)."""
     ctx = multiprocessing.get_context("spawn")
+    unfused = {**cfg_raw, "train": {**cfg_raw["train"], "fused_norm": False}}
     specs = {
-        "now": (False, True),
-        "before": (before in ("all", "order") and name == "conv4", before == "order"),
+        "now": (cfg_raw, False, True),
+        "before": (
+            unfused if before == "fused" else cfg_raw,
+            before in ("all", "order") and name == "conv4",
+            before in ("order", "fused"),
+        ),
     }
     conns, procs = {}, []
-    for k, (before_order, retain) in specs.items():
+    for k, (raw, before_order, retain) in specs.items():
         parent, child = ctx.Pipe()
         proc = ctx.Process(
-            target=variant_worker, args=(child, cfg_raw, num_classes, device, before_order, retain)
+            target=variant_worker, args=(child, raw, num_classes, device, before_order, retain)
         )
         proc.start()
         conns[k] = parent
@@ -203,9 +215,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--before",
-        choices=["all", "order", "malloc"],
+        choices=["all", "order", "malloc", "fused"],
         default="all",
-        help="what 'before' undoes: both of #29's changes, Conv4's block order, or the allocator",
+        help="what 'before' undoes: both of #29's first changes, Conv4's block order, the allocator, "
+        "or the fused batch-norm kernel (with --fused-norm)",
+    )
+    parser.add_argument(
+        "--fused-norm", action="store_true", help="train 'now' and (3) with train.fused_norm=True"
     )
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -263,6 +279,7 @@ def main() -> None:
                         **base["train"],
                         "precision": "bf16" if bf16 else "fp32",
                         "channels_last": "on" if cl else "off",
+                        "fused_norm": args.fused_norm,
                     },
                 }
             ).validate()
@@ -275,6 +292,8 @@ def main() -> None:
             fixed = torch.randn(64, 3, 84, 84, device=device).contiguous(memory_format=fmt)
             fixed_y = labels[:64].to(device)
             changed = name == "conv4" or args.before != "order"
+            if args.before == "fused" and not args.fused_norm:
+                raise SystemExit("--before fused compares with the fused kernel: add --fused-norm")
             workers, procs = start_workers(
                 run_cfg.to_dict(), packed.num_classes, str(device), name, args.before
             )
@@ -328,7 +347,7 @@ def main() -> None:
                 )
     print(
         f"({args.steps} timed steps, ResNet12 {max(3, args.steps // 3)}, after 2 warm-up steps; "
-        f"before = {args.before}; now/before: alternating steps, median of the paired step-time ratios; "
+        f"before = {args.before}; fused norm {'on' if args.fused_norm else 'off'} in 'now'; now/before: alternating steps, median of the paired step-time ratios; "
         f"{math.ceil(len(packed) / 64)} batches per epoch)"
     )
 
