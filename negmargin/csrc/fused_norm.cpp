@@ -217,8 +217,10 @@ struct Fused {
     return {act_grad<A>(z.lo, dy.lo, slope_v), act_grad<A>(z.hi, dy.hi, slope_v)};
   }
 
-  // Rows of the 2x2 window (n, i, j): top-left, top-right, bottom-left, bottom-right.
-  void window_rows(int64_t n, int64_t i, int64_t j, int64_t* r) const {
+  // Rows of pooling window o (the output's row (n, i, j)): top-left, top-right, bottom-left,
+  // bottom-right.
+  void window_rows(int64_t o, int64_t* r) const {
+    const int64_t n = o / (s.Ho * s.Wo), i = (o / s.Wo) % s.Ho, j = o % s.Wo;
     r[0] = (n * s.H + 2 * i) * s.W + 2 * j;
     r[1] = r[0] + 1;
     r[2] = r[0] + s.W;
@@ -294,7 +296,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x1, const at::Tensor* x2,
       float xs1[4][2];
       int64_t r[4];
       for (int64_t o = ob; o < oe; ++o) {
-        f.window_rows(o / (s.Ho * s.Wo), (o / s.Wo) % s.Ho, o % s.Wo, r);
+        f.window_rows(o, r);
         int64_t c = 0;
         for (; c < Cv; c += kW) store(Y + o * C + c, f.pick(r, c, xs).y);
         for (; c < C; ++c) store1(Y + o * C + c, f.pick1(r, c, xs1).y);
@@ -355,7 +357,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const at::Tensor& x1
       };
       for (int64_t u = ch * kChunk; u < std::min(units, (ch + 1) * kChunk); ++u) {
         if constexpr (POOL) {
-          f.window_rows(u / (s.Ho * s.Wo), (u / s.Wo) % s.Ho, u % s.Wo, r);
+          f.window_rows(u, r);
           int64_t c = 0;
           for (; c < Cv; c += kW) {
             const auto p = f.pick(r, c, xs);
@@ -437,7 +439,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const at::Tensor& x1
       float xs1[4][2];
       int64_t r[4];
       for (int64_t u = ub; u < ue; ++u) {
-        f.window_rows(u / (s.Ho * s.Wo), (u / s.Wo) % s.Ho, u % s.Wo, r);
+        f.window_rows(u, r);
         int64_t c = 0;
         for (; c < Cv; c += kW) {
           const auto p = f.pick(r, c, xs);
