@@ -1,13 +1,15 @@
 """The fused batch-norm kernel (negmargin/fused_norm.py, csrc/fused_norm.cpp) against a
 float64 reference made of ATen's layers, and the backbones trained through it.
 
-The kernel is built on first use (a C++ compiler and ninja); where it cannot be built
-these tests skip with the reason, and training falls back to ATen's layers (tested here
-with the build mocked to fail).
+The kernel is built on first use (a C++ compiler and ninja); where there is no compiler
+these tests skip, and training falls back to ATen's layers (tested here with the build
+mocked to fail).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
 
 import pytest
@@ -24,10 +26,10 @@ from .helpers import REPO, run_cli, write_config
 
 @pytest.fixture(scope="module")
 def kernel() -> None:
-    try:
-        fused_norm.load()
-    except fused_norm.KernelUnavailable as e:
-        pytest.skip(str(e))
+    """The kernel, built; skips only where there is no C++ compiler (a build error fails)."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the fused kernel")
+    fused_norm.load()
 
 
 def reference(x1, bn1, act, slope, pool, x2=None, bn2=None):
