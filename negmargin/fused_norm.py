@@ -95,17 +95,19 @@ def enable(backbone: nn.Module, device: torch.device) -> tuple[bool, str]:
 class _FusedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, w1, b1, x2, w2, b2, eps, act, slope, pool):
-        out = _ops().forward(x1, w1, b1, x2, w2, b2, eps, act, slope, pool)
+        y, st1, st2, idx = _ops().forward(x1, w1, b1, x2, w2, b2, eps, act, slope, pool)
+        two = x2 is not None
+        # The pooling's argmax (bytes) is kept so the backward need not recompute it.
         ctx.options = (act, slope, pool)
-        ctx.save_for_backward(x1, w1, b1, out[1], x2, w2, b2, out[2] if x2 is not None else None)
-        ctx.mark_non_differentiable(*out[1:])
-        return tuple(out) if x2 is not None else (*out, None)
+        ctx.save_for_backward(x1, w1, b1, st1, x2, w2, b2, st2 if two else None, idx if pool else None)
+        ctx.mark_non_differentiable(st1, st2)
+        return y, st1, st2 if two else None
 
     @staticmethod
     def backward(ctx, dy, *_):
-        x1, w1, b1, st1, x2, w2, b2, st2 = ctx.saved_tensors
+        x1, w1, b1, st1, x2, w2, b2, st2, idx = ctx.saved_tensors
         dy = dy.contiguous(memory_format=torch.channels_last)
-        grads = _ops().backward(dy, x1, w1, b1, st1, x2, w2, b2, st2, *ctx.options)
+        grads = _ops().backward(dy, x1, w1, b1, st1, x2, w2, b2, st2, idx, *ctx.options)
         if x2 is None:
             return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
         return (*grads, None, None, None, None)

@@ -58,6 +58,18 @@ inline float load1(const float* p) { return *p; }
 inline float load1(const c10::BFloat16* p) { return static_cast<float>(*p); }
 inline void store1(float* p, float v) { *p = v; }
 inline void store1(c10::BFloat16* p, float v) { *p = c10::BFloat16(v); }
+// The pooling's argmax (window position 0..3) per channel, kept as one byte each.
+inline Pair load_which(const uint8_t* p) {
+  float tmp[kW];
+  for (int64_t i = 0; i < kW; ++i) tmp[i] = p[i];
+  return {Vec::loadu(tmp), Vec::loadu(tmp + kV)};
+}
+inline void store_which(uint8_t* p, const Pair& which) {
+  float tmp[kW];
+  which.lo.store(tmp);
+  which.hi.store(tmp + kV);
+  for (int64_t i = 0; i < kW; ++i) p[i] = static_cast<uint8_t>(tmp[i]);
+}
 // The value the tensor will hold: pooling compares stored values, as ATen's does.
 inline Pair rounded(const Pair& v, const float*) { return v; }
 inline Pair rounded(const Pair& v, const c10::BFloat16*) {
@@ -248,6 +260,29 @@ struct Fused {
     }
     return p;
   }
+  // The backward's view of a window: the inputs at all four rows (xs), at the argmax the
+  // forward kept (xsel), and z there — the forward's z bit for bit (the same operations).
+  Pair chosen(const int64_t* r, int64_t c, const Pair& which, Pair xs[4][2], Pair* xsel) const {
+    for (int q = 0; q < 4; ++q) {
+      xs[q][0] = load(X[0] + r[q] * s.C + c);
+      if constexpr (TWO) xs[q][1] = load(X[1] + r[q] * s.C + c);
+    }
+    for (int k = 0; k < (TWO ? 2 : 1); ++k) {
+      xsel[k] = xs[0][k];
+      for (int q = 1; q < 4; ++q) {
+        xsel[k].lo = Vec::blendv(xsel[k].lo, xs[q][k].lo, which.lo == Vec(float(q)));
+        xsel[k].hi = Vec::blendv(xsel[k].hi, xs[q][k].hi, which.hi == Vec(float(q)));
+      }
+    }
+    Vec lo = at::vec::fmadd(xsel[0].lo, Vec::loadu(&a[0][c]), Vec::loadu(&b[0][c]));
+    Vec hi = at::vec::fmadd(xsel[0].hi, Vec::loadu(&a[0][c + kV]), Vec::loadu(&b[0][c + kV]));
+    if constexpr (TWO) {
+      lo = lo + at::vec::fmadd(xsel[1].lo, Vec::loadu(&a[1][c]), Vec::loadu(&b[1][c]));
+      hi = hi + at::vec::fmadd(xsel[1].hi, Vec::loadu(&a[1][c + kV]), Vec::loadu(&b[1][c + kV]));
+    }
+    return {lo, hi};
+  }
+
   struct Pick1 {
     float y, z;
     int which;
@@ -290,7 +325,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x1, const at::Tensor* x2,
   const int64_t C = s.C, Cv = s.vec_end();
   at::Tensor y = at::empty({s.N, C, s.Ho, s.Wo}, x1.options(), at::MemoryFormat::ChannelsLast);
   T* Y = y.data_ptr<T>();
+  at::Tensor idx;  // pooling: the argmax of each output, (N, Ho, Wo, C) bytes, for the backward
   if constexpr (POOL) {
+    idx = at::empty({s.N, s.Ho, s.Wo, C}, x1.options().dtype(at::kByte));
+    uint8_t* I = idx.data_ptr<uint8_t>();
     at::parallel_for(0, s.N * s.Ho * s.Wo, 16, [&](int64_t ob, int64_t oe) {
       Pair xs[4][2];
       float xs1[4][2];
@@ -298,8 +336,16 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x1, const at::Tensor* x2,
       for (int64_t o = ob; o < oe; ++o) {
         f.window_rows(o, r);
         int64_t c = 0;
-        for (; c < Cv; c += kW) store(Y + o * C + c, f.pick(r, c, xs).y);
-        for (; c < C; ++c) store1(Y + o * C + c, f.pick1(r, c, xs1).y);
+        for (; c < Cv; c += kW) {
+          const auto p = f.pick(r, c, xs);
+          store(Y + o * C + c, p.y);
+          store_which(I + o * C + c, p.which);
+        }
+        for (; c < C; ++c) {
+          const auto p = f.pick1(r, c, xs1);
+          store1(Y + o * C + c, p.y);
+          I[o * C + c] = static_cast<uint8_t>(p.which);
+        }
       }
     });
   } else {
@@ -313,8 +359,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x1, const at::Tensor* x2,
       }
     });
   }
-  if (TWO) return {y, st[0], st[1]};
-  return {y, st[0]};
+  // (y, stats 1, stats 2, argmax): an empty tensor stands for what the call has none of.
+  const at::Tensor none = at::empty({0}, x1.options().dtype(at::kFloat));
+  return {y, st[0], TWO ? st[1] : none, POOL ? idx : none};
 }
 
 // g = dy * act'(z) where the output came from (at the window's argmax when pooling, 0
@@ -323,8 +370,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& x1, const at::Tensor* x2,
 template <typename T, int A, bool TWO, bool POOL>
 std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const at::Tensor& x1, const at::Tensor* x2,
                                       const at::Tensor* w[2], const at::Tensor* bias[2], const at::Tensor* st[2],
-                                      float slope) {
+                                      const at::Tensor* idx, float slope) {
   constexpr int K = TWO ? 2 : 1;
+  // The vector path reads the forward's argmax; the scalar tail recomputes it (pick1).
+  const uint8_t* I = POOL ? idx->data_ptr<uint8_t>() : nullptr;
   const Shape s(x1, POOL);
   const Fused<T, A, TWO> f(s, x1, x2, w, bias, st, slope);
   const int64_t C = s.C, Cv = s.vec_end();
@@ -360,16 +409,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const at::Tensor& x1
           f.window_rows(u, r);
           int64_t c = 0;
           for (; c < Cv; c += kW) {
-            const auto p = f.pick(r, c, xs);
             Pair xsel[2];
-            for (int k = 0; k < K; ++k) {
-              xsel[k] = xs[0][k];
-              for (int q = 1; q < 4; ++q) {
-                xsel[k].lo = Vec::blendv(xsel[k].lo, xs[q][k].lo, p.which.lo == Vec(float(q)));
-                xsel[k].hi = Vec::blendv(xsel[k].hi, xs[q][k].hi, p.which.hi == Vec(float(q)));
-              }
-            }
-            add(c, f.grad_v(p.z, load(DY + u * C + c)), xsel);
+            const Pair z = f.chosen(r, c, load_which(I + u * C + c), xs, xsel);
+            add(c, f.grad_v(z, load(DY + u * C + c)), xsel);
           }
           for (; c < C; ++c) {
             const auto p = f.pick1(r, c, xs1);
@@ -442,12 +484,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& dy, const at::Tensor& x1
         f.window_rows(u, r);
         int64_t c = 0;
         for (; c < Cv; c += kW) {
-          const auto p = f.pick(r, c, xs);
-          const Pair g = f.grad_v(p.z, load(DY + u * C + c));
+          Pair xsel[2];
+          const Pair which = load_which(I + u * C + c);
+          const Pair g = f.grad_v(f.chosen(r, c, which, xs, xsel), load(DY + u * C + c));
           for (int q = 0; q < 4; ++q) {
             const Vec zero(0.f);
-            const Pair gq{Vec::blendv(zero, g.lo, p.which.lo == Vec(float(q))),
-                          Vec::blendv(zero, g.hi, p.which.hi == Vec(float(q)))};
+            const Pair gq{Vec::blendv(zero, g.lo, which.lo == Vec(float(q))),
+                          Vec::blendv(zero, g.hi, which.hi == Vec(float(q)))};
             put(r[q], c, gq, xs[q]);
           }
         }
@@ -561,7 +604,7 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& dy, const at::Tensor& x
                                        const at::Tensor& b1, const at::Tensor& st1,
                                        const c10::optional<at::Tensor>& x2, const c10::optional<at::Tensor>& w2,
                                        const c10::optional<at::Tensor>& b2, const c10::optional<at::Tensor>& st2,
-                                       int64_t act, double slope, bool pool) {
+                                       const c10::optional<at::Tensor>& idx, int64_t act, double slope, bool pool) {
   check_call(x1, x2, act, pool);
   check_input(dy, "dy");
   const bool two = x2.has_value();
@@ -570,13 +613,16 @@ std::vector<at::Tensor> fused_backward(const at::Tensor& dy, const at::Tensor& x
                   dy.scalar_type() == x1.scalar_type(),
               "dy: expected the forward output's shape and dtype, got ", dy.sizes());
   TORCH_CHECK(!two || (w2.has_value() && b2.has_value() && st2.has_value()), "x2 needs w2, b2 and st2");
+  TORCH_CHECK(!pool || (idx.has_value() && idx->scalar_type() == at::kByte && idx->is_contiguous() &&
+                        idx->numel() == x1.size(0) * Ho * Wo * x1.size(1)),
+              "idx: expected the forward's argmax bytes (N, Ho, Wo, C) when pooling");
   const at::Tensor* w[2] = {&w1, two ? &*w2 : nullptr};
   const at::Tensor* b[2] = {&b1, two ? &*b2 : nullptr};
   const at::Tensor* st[2] = {&st1, two ? &*st2 : nullptr};
   const at::Tensor* x2p = two ? &*x2 : nullptr;
   const float sl = static_cast<float>(slope);
   return dispatch(x1.scalar_type(), act, two, pool, [&]<typename T, int A, bool TWO, bool POOL>() {
-    return backward_impl<T, A, TWO, POOL>(dy, x1, x2p, w, b, st, sl);
+    return backward_impl<T, A, TWO, POOL>(dy, x1, x2p, w, b, st, pool ? &*idx : nullptr, sl);
   });
 }
 
@@ -589,6 +635,6 @@ TORCH_LIBRARY(negmargin_fused, m) {
       &fused_forward);
   m.def(
       "backward(Tensor dy, Tensor x1, Tensor w1, Tensor b1, Tensor st1, Tensor? x2, Tensor? w2, Tensor? b2, "
-      "Tensor? st2, int act, float slope, bool pool) -> Tensor[]",
+      "Tensor? st2, Tensor? idx, int act, float slope, bool pool) -> Tensor[]",
       &fused_backward);
 }
