@@ -236,3 +236,21 @@ def test_without_the_kernel_training_keeps_atens_layers(monkeypatch) -> None:
     assert not used and "not used on cuda" in note
     used, note = fused_norm.enable(nn.SyncBatchNorm.convert_sync_batchnorm(net), torch.device("cpu"))
     assert not used and "sync_bn" in note
+
+
+@pytest.mark.parametrize("name", ["conv4", "resnet12"])
+def test_inputs_the_kernel_does_not_take_run_atens_layers_bit_for_bit(name) -> None:
+    """fuse_norms(True) with contiguous (not channels-last) activations: ATen's layers, the
+    same bits as a backbone that never asked for the kernel (no build needed)."""
+    x = torch.randn(4, 3, 32, 32)
+
+    def step(fuse: bool):
+        torch.manual_seed(0)
+        net = build_backbone(name, image_size=32)
+        net.fuse_norms(fuse)
+        out = net(x)
+        out.square().sum().backward()
+        return out, [p.grad for p in net.parameters()]
+
+    (a, ga), (b, gb) = step(False), step(True)
+    assert torch.equal(a, b) and all(torch.equal(u, v) for u, v in zip(ga, gb))
