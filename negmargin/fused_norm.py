@@ -14,7 +14,7 @@ compiler and ninja; ~25 s, then cached under ``$TORCH_EXTENSIONS_DIR``, by defau
 Results are the same computation, not the same bits as ATen's: batch statistics are
 one-pass sums in float32 over fixed chunks of rows, added in float64, and the
 activation is applied before rounding to bfloat16 once instead of after each op.
-They are the same for any thread count. ``train.fused_norm="on"`` turns it on; the
+They are the same for any thread count. ``train.fused_norm=True`` turns it on; the
 checks against a float64 reference are in ``tests/test_fused_norm.py``.
 """
 
