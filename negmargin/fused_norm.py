@@ -56,7 +56,8 @@ def _ops() -> Any:
         cpp_extension.load(
             name=f"negmargin_fused_{key}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-w"],
+            # C++20 (template lambdas): what torch 2.13 builds with; older releases default to C++17.
+            extra_cflags=["-O3", f"-march={march}", "-fopenmp", "-std=c++20", "-w"],
             extra_ldflags=["-fopenmp"],
             is_python_module=False,
             verbose=bool(os.environ.get("NEGMARGIN_VERBOSE_BUILD")),
