@@ -1,7 +1,7 @@
 """Where a training step's time goes, by operator: the profile behind docs/benchmarks.md.
 
     python bench/step_profile.py [--backbone conv4] [--precision fp32] [--steps 5]
-        [--before] [--malloc system] [--by-shape] [--fused-norm]
+        [--before] [--malloc system] [--by-shape] [--fused-norm [--versus-aten R]]
 
 Model only (forward + cross-entropy on a linear head + backward + SGD), batch 64,
 84×84, channels-last, random data, after 3 warm-up steps; PyTorch's profiler over
@@ -11,12 +11,15 @@ before max pooling; bit-identical results), ``--malloc system`` with glibc's def
 malloc instead of training's ``train.cpu_malloc="retain"`` (the kernel's page faults then
 add system time that the operator table does not show), ``--by-shape`` splits each
 operator by its input shapes (which layer it is), ``--fused-norm`` trains the blocks through
-the fused batch-norm kernel (``train.fused_norm``).
+the fused batch-norm kernel (``train.fused_norm``); with ``--versus-aten R`` it first runs R
+rounds in which blocks of ``--steps`` steps with the kernel and with ATen's layers take turns
+(the same model and batch) and prints each one's median ms/step and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--malloc", choices=["retain", "system"], default="retain")
     parser.add_argument("--by-shape", action="store_true")
     parser.add_argument("--fused-norm", action="store_true")
+    parser.add_argument("--versus-aten", type=int, default=0, metavar="R", help="with --fused-norm")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     if args.malloc == "retain":
@@ -73,6 +77,8 @@ def main() -> None:
 
     for _ in range(3):
         step()
+    if args.fused_norm and args.versus_aten:
+        versus_aten(backbone, step, args.steps, args.versus_aten, f"{args.backbone} {args.precision}")
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
@@ -93,6 +99,25 @@ def main() -> None:
         max_shapes_column_width=60,
     )
     print(table)
+
+
+def versus_aten(backbone, step, steps: int, rounds: int, what: str) -> None:
+    """Blocks of ``steps`` steps with the fused kernel and with ATen's layers, taking turns."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for r in range(rounds):
+        for fused in (True, False) if r % 2 else (False, True):
+            backbone.fuse_norms(fused)
+            step()  # the first step after a switch is not timed
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[fused].append((time.perf_counter() - t0) / steps)
+    backbone.fuse_norms(True)
+    f, a = statistics.median(times[True]), statistics.median(times[False])
+    print(
+        f"{what}, {rounds} rounds of {steps} steps each way: fused {f * 1000:.1f} ms/step ({64 / f:.1f} img/s), "
+        f"ATen's layers {a * 1000:.1f} ms/step ({64 / a:.1f} img/s); ×{a / f:.2f}"
+    )
 
 
 if __name__ == "__main__":
