@@ -188,8 +188,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the backbone
     # CPU training: each block's batch norm fused with its activation, shortcut add and max
     # pooling in one C++ kernel (negmargin/fused_norm.py; built on first use, needs a C++
-    # compiler). The same computation with other roundings, not the same bits: x1.58 on a
-    # Conv4 bf16 step, x1.20 on ResNet12 (AMX Xeon; docs/benchmarks.md). Off: ATen's layers.
+    # compiler). The same computation with other roundings, not the same bits: end to end
+    # x1.42 for Conv4 bf16, x1.26 for ResNet12 (AMX Xeon; docs/benchmarks.md). Off: ATen's layers.
     fused_norm: bool = False
     # CPU runs: "retain" has glibc's malloc keep freed memory for reuse (no mmap of large
     # blocks, no trimming), so a step's tensors land on the pages the previous step freed
