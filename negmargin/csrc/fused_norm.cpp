@@ -196,24 +196,25 @@ struct Fused {
         b[k][c] = bk[c] - mean[k][c] * a[k][c];
       }
     }
-    if (!TWO) {
-      a[1].assign(s.C, 0.f);
-      b[1].assign(s.C, 0.f);
-      mean[1].assign(s.C, 0.f);
+  }
+
+  // z = x1 * a1 + b1 [+ x2 * a2 + b2] for channels [c, c + kW) of inputs xs: the one place z
+  // is made, so the backward's z is the forward's bit for bit.
+  Pair affine(const Pair* xs, int64_t c) const {
+    Vec lo = at::vec::fmadd(xs[0].lo, Vec::loadu(&a[0][c]), Vec::loadu(&b[0][c]));
+    Vec hi = at::vec::fmadd(xs[0].hi, Vec::loadu(&a[0][c + kV]), Vec::loadu(&b[0][c + kV]));
+    if constexpr (TWO) {
+      lo = lo + at::vec::fmadd(xs[1].lo, Vec::loadu(&a[1][c]), Vec::loadu(&b[1][c]));
+      hi = hi + at::vec::fmadd(xs[1].hi, Vec::loadu(&a[1][c + kV]), Vec::loadu(&b[1][c + kV]));
     }
+    return {lo, hi};
   }
 
   // z at row r, channels [c, c + kW); xs receives the inputs.
   Pair z_at(int64_t r, int64_t c, Pair* xs) const {
     xs[0] = load(X[0] + r * s.C + c);
-    Vec lo = at::vec::fmadd(xs[0].lo, Vec::loadu(&a[0][c]), Vec::loadu(&b[0][c]));
-    Vec hi = at::vec::fmadd(xs[0].hi, Vec::loadu(&a[0][c + kV]), Vec::loadu(&b[0][c + kV]));
-    if constexpr (TWO) {
-      xs[1] = load(X[1] + r * s.C + c);
-      lo = lo + at::vec::fmadd(xs[1].lo, Vec::loadu(&a[1][c]), Vec::loadu(&b[1][c]));
-      hi = hi + at::vec::fmadd(xs[1].hi, Vec::loadu(&a[1][c + kV]), Vec::loadu(&b[1][c + kV]));
-    }
-    return {lo, hi};
+    if constexpr (TWO) xs[1] = load(X[1] + r * s.C + c);
+    return affine(xs, c);
   }
   float z_at1(int64_t r, int64_t c, float* xs) const {
     xs[0] = load1(X[0] + r * s.C + c);
@@ -239,29 +240,24 @@ struct Fused {
     r[3] = r[2] + 1;
   }
 
-  // Vector step of one window: which of the four rows holds the max of the stored
-  // activation (first one on ties, NaN wins, as ATen's max pooling), and z there.
+  // Vector step of one window (the forward): the max of the stored activation and which of
+  // the four rows holds it (first one on ties, NaN wins, as ATen's max pooling).
   struct Pick {
-    Pair y, z, which;  // which: the window position 0..3 as float
+    Pair y, which;  // which: the window position 0..3 as float
   };
   Pick pick(const int64_t* r, int64_t c, Pair xs[4][2]) const {
     const T* tag = nullptr;
-    Pick p;
-    p.z = z_at(r[0], c, xs[0]);
-    p.y = rounded(act_v(p.z), tag);
-    p.which = {Vec(0.f), Vec(0.f)};
+    Pick p{rounded(act_v(z_at(r[0], c, xs[0])), tag), {Vec(0.f), Vec(0.f)}};
     for (int q = 1; q < 4; ++q) {
-      Pair z = z_at(r[q], c, xs[q]);
-      Pair y = rounded(act_v(z), tag);
+      const Pair y = rounded(act_v(z_at(r[q], c, xs[q])), tag);
       Vec mlo = (y.lo > p.y.lo) | (y.lo != y.lo), mhi = (y.hi > p.y.hi) | (y.hi != y.hi);
       p.y = {Vec::blendv(p.y.lo, y.lo, mlo), Vec::blendv(p.y.hi, y.hi, mhi)};
-      p.z = {Vec::blendv(p.z.lo, z.lo, mlo), Vec::blendv(p.z.hi, z.hi, mhi)};
       p.which = {Vec::blendv(p.which.lo, Vec(float(q)), mlo), Vec::blendv(p.which.hi, Vec(float(q)), mhi)};
     }
     return p;
   }
   // The backward's view of a window: the inputs at all four rows (xs), at the argmax the
-  // forward kept (xsel), and z there — the forward's z bit for bit (the same operations).
+  // forward kept (xsel), and z there.
   Pair chosen(const int64_t* r, int64_t c, const Pair& which, Pair xs[4][2], Pair* xsel) const {
     for (int q = 0; q < 4; ++q) {
       xs[q][0] = load(X[0] + r[q] * s.C + c);
@@ -274,13 +270,7 @@ struct Fused {
         xsel[k].hi = Vec::blendv(xsel[k].hi, xs[q][k].hi, which.hi == Vec(float(q)));
       }
     }
-    Vec lo = at::vec::fmadd(xsel[0].lo, Vec::loadu(&a[0][c]), Vec::loadu(&b[0][c]));
-    Vec hi = at::vec::fmadd(xsel[0].hi, Vec::loadu(&a[0][c + kV]), Vec::loadu(&b[0][c + kV]));
-    if constexpr (TWO) {
-      lo = lo + at::vec::fmadd(xsel[1].lo, Vec::loadu(&a[1][c]), Vec::loadu(&b[1][c]));
-      hi = hi + at::vec::fmadd(xsel[1].hi, Vec::loadu(&a[1][c + kV]), Vec::loadu(&b[1][c + kV]));
-    }
-    return {lo, hi};
+    return affine(xsel, c);
   }
 
   struct Pick1 {
